@@ -1,0 +1,1 @@
+"""Triton kernels of regap_fast, installed as ``regap_fast.kernels`` (see setup.py)."""

@@ -1,0 +1,21 @@
+"""regap_fast: the REGAP modality-gap regulariser (arXiv 2505.24208) as fused GPU kernels.
+
+    loss = regap_fast.fused_gap_loss(image_embeds, text_embeds, image_mask, text_mask)
+
+See README.md for the API, the training loop and the tools.
+"""
+
+from .backends import BackendUnavailable
+from .ops import fused_gap_loss, masked_mean
+from .reference import gap_from_means, gap_loss_reference, masked_mean_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "fused_gap_loss",
+    "gap_from_means",
+    "gap_loss_reference",
+    "masked_mean",
+    "masked_mean_reference",
+]
