@@ -1,0 +1,164 @@
+"""Projectors that hand REGAP the pooled image embedding without an extra pass over the activations.
+
+``FusedLlavaProjector``  LLaVA-1.5's ``mlp2x_gelu``: Linear(Dv, D) -> GELU (exact erf) -> Linear(D, D).
+``FusedLinearProjector`` one Linear (MiniGPT-4's ``llama_proj``, BLIP-2's ``language_projection``,
+                         LLaVA-1.0's projector).
+
+Both are drop-in modules (same parameter names and shapes as the transformers/LLaVA modules they
+replace) with ``forward(x, image_mask=None, return_pooled=False)``. With ``return_pooled=True`` they
+also return the masked mean of their outputs, ``[B, D]`` fp32, computed from pooled *inputs of the
+last linear layer* (DESIGN.md section 2), not from the outputs:
+
+    mean_i (h_i W^T + b) = (mean_i h_i) W^T + b
+
+``projector_gap_loss`` puts it together with ``pooled_text_embeddings`` (the caption side from token
+ids) for one training step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._validation import check_choice, check_mask
+from .ops import masked_mean
+from .reference import REDUCTIONS, gap_from_means
+
+# LLaVA's checkpoints (mm_projector = nn.Sequential(Linear, GELU, Linear)) name the two linear
+# layers "0" and "2"; transformers' LlavaMultiModalProjector names them "linear_1" and "linear_2".
+LLAVA_KEY_MAP = {"0.weight": "linear_1.weight", "0.bias": "linear_1.bias",
+                 "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}
+
+
+def _check_projector_input(x: Tensor, image_mask: Optional[Tensor], in_features: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [B, Ni, {in_features}], got {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the projector expects {in_features}")
+    check_mask("image_mask", image_mask, "x", x)
+
+
+class FusedLlavaProjector(nn.Module):
+    """LLaVA-1.5's projector ``Linear(Dv, D) -> GELU -> Linear(D, D)`` with a fused pooled output.
+
+    Parameter names follow transformers' ``LlavaMultiModalProjector`` (``linear_1``, ``linear_2``);
+    a state dict with LLaVA's ``mm_projector`` names (``0.*``, ``2.*``) loads too (the prefix
+    ``model.mm_projector.`` stripped), and ``llava_state_dict()`` writes those names back.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+        self.backend = backend
+        self._register_load_state_dict_pre_hook(_accept_llava_names)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear_1.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear_2.out_features
+
+    def forward(self, x: Tensor, image_mask: Optional[Tensor] = None, return_pooled: bool = False):
+        """x ``[B, Ni, Dv]`` -> image embeddings ``[B, Ni, D]`` (and their masked mean ``[B, D]`` fp32)."""
+        _check_projector_input(x, image_mask, self.in_features)
+        h = F.gelu(self.linear_1(x))
+        out = self.linear_2(h)
+        if not return_pooled:
+            return out
+        return out, _pooled_linear(masked_mean(h, image_mask), self.linear_2)
+
+    def llava_state_dict(self, prefix: str = "model.mm_projector.") -> dict[str, Tensor]:
+        """The weights under LLaVA's names, e.g. for ``mm_projector.bin``."""
+        inverse = {v: k for k, v in LLAVA_KEY_MAP.items()}
+        return {prefix + inverse[k]: v for k, v in self.state_dict().items()}
+
+
+def _pooled_linear(pooled: Tensor, linear: nn.Linear) -> Tensor:
+    """``pooled @ W^T + b`` in the pooled (accumulation) dtype, outside autocast: [B, D] is tiny."""
+    with torch.autocast(pooled.device.type, enabled=False):
+        b = None if linear.bias is None else linear.bias.to(pooled.dtype)
+        return F.linear(pooled, linear.weight.to(pooled.dtype), b)
+
+
+def _accept_llava_names(state_dict, prefix, *args):
+    """load_state_dict pre-hook: rename LLaVA's ``0.*``/``2.*`` keys to ``linear_1.*``/``linear_2.*``."""
+    for old, new in LLAVA_KEY_MAP.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+class FusedLinearProjector(nn.Linear):
+    """A drop-in ``nn.Linear`` projector (MiniGPT-4's ``llama_proj``) with a fused pooled output.
+
+    For one linear layer the pooled output is ``masked_mean(x) @ W^T + b``: no pass over the outputs.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = True, backend: str = "auto"):
+        super().__init__(in_dim, out_dim, bias=bias)
+        self.backend = backend
+
+    def forward(self, x: Tensor, image_mask: Optional[Tensor] = None, return_pooled: bool = False):
+        _check_projector_input(x, image_mask, self.in_features)
+        out = super().forward(x)
+        if not return_pooled:
+            return out
+        return out, _pooled_linear(masked_mean(x, image_mask), self)
+
+
+def pooled_text_embeddings(input_ids: Tensor, weight: Tensor, text_mask: Optional[Tensor] = None, *,
+                           backend: str = "auto") -> Tensor:
+    """Masked mean of embedding rows ``weight[input_ids]`` per sample: ``[B, Nt] -> [B, D]`` fp32.
+
+    The caption side of REGAP from token ids, with the gradient to ``weight`` when it requires grad.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("input_ids must be an int32 or int64 tensor")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [B, Nt], got {tuple(input_ids.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a [V, D] embedding table")
+    if weight.device != input_ids.device:
+        raise ValueError(f"input_ids is on {input_ids.device} but weight is on {weight.device}")
+    check_mask("text_mask", text_mask, "input_ids", input_ids)
+    return masked_mean(F.embedding(input_ids, weight), text_mask, backend=backend)
+
+
+def _any_valid(mask: Optional[Tensor], batch: int, n: int, device) -> Tensor:
+    if mask is None:
+        return torch.full((batch,), n > 0, dtype=torch.bool, device=device)
+    return mask.any(dim=1)
+
+
+def projector_gap_loss(projector: nn.Module, x: Tensor, caption_ids: Tensor, embed_weight: Tensor,
+                       image_mask: Optional[Tensor] = None, text_mask: Optional[Tensor] = None, *,
+                       squared: bool = False, reduction: str = "mean"):
+    """One call for a REGAP training step: ``(image_embeds, gap)``.
+
+    ``image_embeds = projector(x)`` go to the LLM as usual; ``gap`` is ``fused_gap_loss`` of those
+    embeddings against the caption's input embeddings, computed from the pooled projector input and
+    the pooled embedding rows of ``caption_ids`` — neither ``[B, N, D]`` side is pooled after the fact.
+    ``(lm_loss + lam * gap).backward()`` gives the gradients of the unfused computation.
+    """
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(projector, (FusedLlavaProjector, FusedLinearProjector)):
+        raise TypeError("projector must be a FusedLlavaProjector or FusedLinearProjector, "
+                        f"got {type(projector).__name__}")
+    if caption_ids.dim() != 2 or caption_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"caption_ids must have shape [B, Nt] with B={x.shape[0]}, got {tuple(caption_ids.shape)}")
+    image_embeds, mu_image = projector(x, image_mask, return_pooled=True)
+    mu_text = pooled_text_embeddings(caption_ids, embed_weight, text_mask)
+    if mu_text.shape[-1] != mu_image.shape[-1]:
+        raise ValueError(f"embedding sizes differ: projector gives D={mu_image.shape[-1]}, "
+                         f"embed_weight has D={mu_text.shape[-1]}")
+    valid = _any_valid(image_mask, x.shape[0], x.shape[1], x.device) & \
+        _any_valid(text_mask, caption_ids.shape[0], caption_ids.shape[1], x.device)
+    gap = gap_from_means(mu_image, mu_text.to(mu_image.dtype), valid, reduction=reduction, squared=squared)
+    return image_embeds, gap
