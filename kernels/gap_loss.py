@@ -253,6 +253,37 @@ def _mean_finish_kernel(
         tl.store(inv_ptr + b, inv)
 
 
+@triton.jit
+def _gather_mean_kernel(
+    ids_ptr, w_ptr, m_ptr, out_ptr, inv_ptr, n_tokens, n_dim,
+    stride_ib, stride_it, stride_wv, stride_wd, stride_mb, stride_mt,
+    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (D blocks, B): out[b] = mean of the embedding rows w[ids[b, t]] over valid t (an
+    embedding-bag): the caption embeddings [B, Nt, D] are never materialised."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < n_dim
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for t0 in range(0, n_tokens, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        ok = ts < n_tokens
+        if HAS_MASK:
+            ok = ok & (tl.load(m_ptr + b * stride_mb + ts * stride_mt, mask=ok, other=0) != 0)
+        ids = tl.load(ids_ptr + b * stride_ib + ts * stride_it, mask=ok, other=0).to(tl.int64)
+        rows = tl.load(w_ptr + ids[:, None] * stride_wv + cols[None, :] * stride_wd,
+                       mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.sum(rows.to(tl.float32), axis=0)
+        cnt += ok.to(tl.int32)
+    n = tl.sum(cnt, axis=0).to(tl.float32)
+    inv = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
+    tl.store(out_ptr + b * n_dim + cols, acc * inv, mask=col_ok)
+    if pid_d == 0:
+        tl.store(inv_ptr + b, inv)
+
+
 # True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run on
 # CPU tensors (slowly; that is how the CPU tests exercise them).
 INTERPRETED = isinstance(_pool_partial_kernel, InterpretedFunction)
@@ -395,5 +426,21 @@ def masked_mean_forward(x, mask):
         part.stride(0), part.stride(1), s_mb, s_mn,
         HAS_MASK=has, BLOCK_D=fin_block, BLOCK_M=_COUNT_BLOCK,
         num_warps=4,
+    )
+    return out, inv
+
+
+def gather_mean_forward(ids, weight, mask):
+    """Masked mean of embedding rows ``weight[ids]``: (mean [B, D] fp32, inv_count [B] fp32)."""
+    B, T = ids.shape
+    D = weight.shape[1]
+    out = torch.empty((B, D), device=weight.device, dtype=torch.float32)
+    inv = torch.empty((B,), device=weight.device, dtype=torch.float32)
+    block_d = _block_d(D, weight.element_size())
+    m, s_mb, s_mt, has = _mask_args(mask, ids)
+    _gather_mean_kernel[(triton.cdiv(D, block_d), B)](
+        ids, weight, m, out, inv, T, D,
+        ids.stride(0), ids.stride(1), weight.stride(0), weight.stride(1), s_mb, s_mt,
+        HAS_MASK=has, BLOCK_T=16, BLOCK_D=block_d, num_warps=4,
     )
     return out, inv

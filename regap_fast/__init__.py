@@ -6,9 +6,8 @@ See README.md for the API, the training loop and the tools.
 """
 
 from .backends import BackendUnavailable
-from .ops import fused_gap_loss, masked_mean
-from .projector import (FusedLinearProjector, FusedLlavaProjector, pooled_text_embeddings,
-                        projector_gap_loss)
+from .ops import fused_gap_loss, masked_mean, pooled_text_embeddings
+from .projector import FusedLinearProjector, FusedLlavaProjector, projector_gap_loss
 from .reference import gap_from_means, gap_loss_reference, masked_mean_reference
 
 __version__ = "0.1.0"

@@ -1,8 +1,15 @@
 """Which implementation runs an op: ``torch`` (reference), ``triton`` or ``cuda`` (``regap_fast._C``).
 
-Every backend module provides the same primitives (``pool_gap_forward``, ``masked_mean_forward``,
-``broadcast_rows``; see ``regap_fast.reference`` for their contracts), so the custom ops dispatch
-to any of them alike.
+Kernels come in families; each backend provides every family with the same primitives, so the ops
+dispatch to any backend alike:
+
+* ``gap_loss``  — ``pool_gap_forward``, ``masked_mean_forward``, ``gather_mean_forward``,
+  ``broadcast_rows``
+  (torch: ``regap_fast.reference``; triton: ``regap_fast.kernels.gap_loss``);
+* ``projector`` — ``gelu_gemm_forward``, ``dgelu_gemm_backward``
+  (triton: ``regap_fast.kernels.projector``; the torch backend runs the projector as plain autograd).
+
+The cuda backend is ``regap_fast._cuda_backend`` (one module, every family) over ``regap_fast._C``.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ class BackendUnavailable(ValueError):
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_module() -> tuple[ModuleType | None, str]:
+def _triton_module(family: str = "gap_loss") -> tuple[ModuleType | None, str]:
     try:
-        mod = importlib.import_module("regap_fast.kernels.gap_loss")
+        mod = importlib.import_module(f"regap_fast.kernels.{family}")
     except Exception as exc:  # triton missing or broken: the torch backend still works
         return None, f"Triton kernels failed to import ({type(exc).__name__}: {exc})"
     return mod, ""
@@ -94,12 +101,15 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
-def get(name: str) -> ModuleType:
-    """The module implementing backend ``name`` (already resolved)."""
+def get(name: str, family: str = "gap_loss") -> ModuleType:
+    """The module implementing kernel family ``family`` on backend ``name`` (already resolved)."""
     if name == "torch":
         return importlib.import_module("regap_fast.reference")
     if name == "triton":
-        return _triton_module()[0]
+        mod, reason = _triton_module(family)
+        if mod is None:
+            raise BackendUnavailable(reason)
+        return mod
     if name == "cuda":
         return _cuda_module()[0]
     raise ValueError(f"unknown backend {name!r}")

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import backends
 from ._validation import check_choice, check_mask
-from .ops import masked_mean
+from .ops import masked_mean, pooled_text_embeddings
 from .reference import REDUCTIONS, gap_from_means
 
 # LLaVA's checkpoints (mm_projector = nn.Sequential(Linear, GELU, Linear)) name the two linear
@@ -67,8 +68,18 @@ class FusedLlavaProjector(nn.Module):
         return self.linear_2.out_features
 
     def forward(self, x: Tensor, image_mask: Optional[Tensor] = None, return_pooled: bool = False):
-        """x ``[B, Ni, Dv]`` -> image embeddings ``[B, Ni, D]`` (and their masked mean ``[B, D]`` fp32)."""
+        """x ``[B, Ni, Dv]`` -> image embeddings ``[B, Ni, D]`` (and their masked mean ``[B, D]`` fp32).
+
+        Without ``return_pooled`` this is exactly the plain projector (cuBLAS GEMMs + GELU). With it,
+        on a kernel backend, the first GEMM's epilogue pools the hidden state and the backward adds
+        the pooled output's gradient inside the second-layer dgrad GEMM (``_FusedMlpGelu``).
+        """
         _check_projector_input(x, image_mask, self.in_features)
+        if return_pooled:
+            dtype = _compute_dtype(x)
+            name = backends.resolve(self.backend, x.device, dtype)
+            if name != "torch":
+                return _fused_mlp_gelu(self, x.to(dtype), image_mask, backends.get(name, "projector"))
         h = F.gelu(self.linear_1(x))
         out = self.linear_2(h)
         if not return_pooled:
@@ -79,6 +90,76 @@ class FusedLlavaProjector(nn.Module):
         """The weights under LLaVA's names, e.g. for ``mm_projector.bin``."""
         inverse = {v: k for k, v in LLAVA_KEY_MAP.items()}
         return {prefix + inverse[k]: v for k, v in self.state_dict().items()}
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype nn.Linear would compute in here: autocast's, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _inv_counts(mask: Optional[Tensor], batch: int, n: int, device) -> Tensor:
+    """1 / (valid tokens per sample) in fp32; 0 for a sample with none."""
+    if mask is None:
+        return torch.full((batch,), 1.0 / n if n else 0.0, dtype=torch.float32, device=device)
+    cnt = mask.sum(1, dtype=torch.float32)
+    return torch.where(cnt > 0, 1.0 / cnt.clamp(min=1), torch.zeros_like(cnt))
+
+
+def _fused_mlp_gelu(proj: "FusedLlavaProjector", x: Tensor, image_mask: Optional[Tensor], impl):
+    B, n, _ = x.shape
+    dtype = x.dtype
+    w1, w2 = proj.linear_1.weight.to(dtype), proj.linear_2.weight.to(dtype)
+    b1 = None if proj.linear_1.bias is None else proj.linear_1.bias.to(dtype)
+    b2 = None if proj.linear_2.bias is None else proj.linear_2.bias.to(dtype)
+    mask_flat = None if image_mask is None else image_mask.reshape(-1)
+    inv_n = _inv_counts(image_mask, B, n, x.device)
+    # the weights were cast above, where autograd sees it; nothing inside may be autocast again
+    with torch.autocast(x.device.type, enabled=False):
+        out, pooled = _FusedMlpGelu.apply(x.reshape(B * n, -1), w1, b1, w2, b2, mask_flat, inv_n, n, impl)
+    return out.view(B, n, -1), pooled
+
+
+class _FusedMlpGelu(torch.autograd.Function):
+    """``Linear -> GELU -> Linear`` on ``[M, Dv]`` rows, plus the pooled output ``[B, D]`` (fp32).
+
+    Saves x, pre and h, as the unfused projector does (x for dW1, pre for GELU', h for dW2), and
+    ``[B, D]`` buffers; nothing ``[M, D]``-sized is created for REGAP, forward or backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, w1, b1, w2, b2, mask_flat, inv_n, rows_per_sample: int, impl):
+        pre, h, pooled_sum = impl.gelu_gemm_forward(x2d, w1, b1, mask_flat, rows_per_sample, inv_n.shape[0],
+                                                    pool=True)
+        out = torch.addmm(b2, h, w2.t()) if b2 is not None else torch.mm(h, w2.t())
+        pooled_h = pooled_sum * inv_n.unsqueeze(1)
+        pooled = F.linear(pooled_h, w2.float(), None if b2 is None else b2.float())
+        ctx.save_for_backward(x2d, w1, w2, pre, h, pooled_h, mask_flat, inv_n)
+        ctx.rows_per_sample = rows_per_sample
+        ctx.impl = impl
+        return out, pooled
+
+    @staticmethod
+    def backward(ctx, dout, dpooled):
+        x2d, w1, w2, pre, h, pooled_h, mask_flat, inv_n = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        dtype = h.dtype
+        dpooled = dpooled.float()
+        # d pooled / d h[row] = W2 / n on valid rows: the per-sample vector the dgrad epilogue adds
+        vw2 = (dpooled * inv_n.unsqueeze(1)) @ w2.float()
+        dpre, db1 = ctx.impl.dgelu_gemm_backward(dout, w2, pre, mask_flat, ctx.rows_per_sample, vw2, need_b1)
+        dx = dw1 = dw2 = db2 = None
+        if need_w2:
+            # the pooled output's share of dW2 is dpooled^T @ pooled_h: [B, D]-sized operands
+            dw2 = torch.addmm((dpooled.t() @ pooled_h).to(dtype), dout.t(), h)
+        if need_b2:
+            db2 = (dout.sum(0, dtype=torch.float32) + dpooled.sum(0)).to(dtype)
+        if need_w1:
+            dw1 = dpre.t() @ x2d
+        if need_x:
+            dx = dpre @ w1
+        return dx, dw1, None if db1 is None else db1.to(dtype), dw2, db2, None, None, None, None
 
 
 def _pooled_linear(pooled: Tensor, linear: nn.Linear) -> Tensor:
@@ -110,25 +191,7 @@ class FusedLinearProjector(nn.Linear):
         out = super().forward(x)
         if not return_pooled:
             return out
-        return out, _pooled_linear(masked_mean(x, image_mask), self)
-
-
-def pooled_text_embeddings(input_ids: Tensor, weight: Tensor, text_mask: Optional[Tensor] = None, *,
-                           backend: str = "auto") -> Tensor:
-    """Masked mean of embedding rows ``weight[input_ids]`` per sample: ``[B, Nt] -> [B, D]`` fp32.
-
-    The caption side of REGAP from token ids, with the gradient to ``weight`` when it requires grad.
-    """
-    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError("input_ids must be an int32 or int64 tensor")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape [B, Nt], got {tuple(input_ids.shape)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a [V, D] embedding table")
-    if weight.device != input_ids.device:
-        raise ValueError(f"input_ids is on {input_ids.device} but weight is on {weight.device}")
-    check_mask("text_mask", text_mask, "input_ids", input_ids)
-    return masked_mean(F.embedding(input_ids, weight), text_mask, backend=backend)
+        return out, _pooled_linear(masked_mean(x, image_mask, backend=self.backend), self)
 
 
 def _any_valid(mask: Optional[Tensor], batch: int, n: int, device) -> Tensor:
@@ -154,7 +217,7 @@ def projector_gap_loss(projector: nn.Module, x: Tensor, caption_ids: Tensor, emb
     if caption_ids.dim() != 2 or caption_ids.shape[0] != x.shape[0]:
         raise ValueError(f"caption_ids must have shape [B, Nt] with B={x.shape[0]}, got {tuple(caption_ids.shape)}")
     image_embeds, mu_image = projector(x, image_mask, return_pooled=True)
-    mu_text = pooled_text_embeddings(caption_ids, embed_weight, text_mask)
+    mu_text = pooled_text_embeddings(caption_ids, embed_weight, text_mask, backend=projector.backend)
     if mu_text.shape[-1] != mu_image.shape[-1]:
         raise ValueError(f"embedding sizes differ: projector gives D={mu_image.shape[-1]}, "
                          f"embed_weight has D={mu_text.shape[-1]}")

@@ -126,6 +126,11 @@ def masked_mean_forward(x, mask):
     return s * inv.unsqueeze(-1), inv
 
 
+def gather_mean_forward(ids, weight, mask):
+    """Masked mean of embedding rows ``weight[ids]``: (mean [B, D], 1/n [B])."""
+    return masked_mean_forward(torch.nn.functional.embedding(ids, weight), mask)
+
+
 def broadcast_rows(v, g, w, inv_a, inv_t, n_a: int, n_t: int, mask_a, mask_t,
                    dtype: torch.dtype, need_a: bool, need_t: bool, sign_t: float):
     """out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows (0 elsewhere); out_t likewise * sign_t.
