@@ -1,0 +1,150 @@
+"""Timing and accounting helpers shared by the GPU report (run_gpu.py) and the pytest benchmarks.
+
+Device work is timed with CUDA events, after warm-up, as the median of many repetitions, with the
+inputs rotated among several sets whose total size exceeds the L2 cache (so no repetition is served
+from L2). ``graph=True`` captures each repetition in a CUDA graph and times its replay: the device
+time alone, free of Python and launch overhead (what a training step that runs ahead of the GPU sees).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("REGAP_FAST_COMMIT", "unknown")
+
+
+def environment() -> dict:
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(0), sm_count=p.multi_processor_count,
+                    gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    l2_cache_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+        try:
+            info["driver"] = subprocess.check_output(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], text=True).strip()
+        except Exception:
+            pass
+    return info
+
+
+def l2_bytes() -> int:
+    p = torch.cuda.get_device_properties(0)
+    return int(getattr(p, "L2_cache_size", 50 * 2**20))
+
+
+def rotation_count(bytes_per_set: int, minimum: int = 2) -> int:
+    """How many input sets to rotate so that their total is at least 3x the L2 cache."""
+    return max(minimum, -(-3 * l2_bytes() // max(1, bytes_per_set)))
+
+
+def _summary(times_ms: Sequence[float]) -> dict:
+    q = statistics.quantiles(times_ms, n=10) if len(times_ms) >= 10 else [min(times_ms)] * 9
+    return {"median_ms": statistics.median(times_ms), "p10_ms": q[0], "p90_ms": q[-1], "reps": len(times_ms)}
+
+
+def time_cuda(fns: Sequence[Callable[[], object]], *, warmup: int = 5, reps: int = 50, graph: bool = False) -> dict:
+    """Median device time of one call, rotating over ``fns`` (one callable per input set)."""
+    if graph:
+        fns = [graphed(fn) for fn in fns]
+    for i in range(warmup):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_interleaved(variants: dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3, rounds: int = 20,
+                     per_round: int = 3) -> dict[str, dict]:
+    """Time several variants in alternation (A B A B ...): slow drifts (clocks, temperature) hit all alike."""
+    for fns in variants.values():
+        for i in range(warmup):
+            fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        for name, fns in variants.items():
+            for j in range(per_round):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fns[(r * per_round + j) % len(fns)]()
+                e.record()
+                e.synchronize()
+                times[name].append(s.elapsed_time(e))
+    return {k: _summary(v) for k, v in times.items()}
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture fn (forward and backward alike) in a CUDA graph; return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: autotuning, cuBLAS workspaces, allocator
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> int:
+    """Peak allocated memory during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def measure_ceilings() -> dict:
+    """The machine's own ceilings: device-to-device copy bandwidth and bf16 matmul rate."""
+    n = 1 << 28  # 1 GiB of fp32 per buffer
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_cuda([lambda: dst.copy_(src)], warmup=5, reps=30)
+    bw = 2 * n * 4 / (t["median_ms"] * 1e-3)  # bytes read + bytes written
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(m, m, device="cuda", dtype=torch.bfloat16)
+    t2 = time_cuda([lambda: torch.mm(a, b, out=c)], warmup=5, reps=30)
+    rate = 2 * m**3 / (t2["median_ms"] * 1e-3)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return {"hbm_bytes_per_s": bw, "copy": t, "bf16_matmul_flop_per_s": rate, "matmul": t2}
