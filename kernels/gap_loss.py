@@ -40,7 +40,8 @@ def _pool_chunk(
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_dim
     x_base = x_ptr + b64 * stride_xb + cols.to(tl.int64) * stride_xd
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # a 2-D accumulator: the rows are summed once at the end, not with a cross-warp reduction per tile
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     start = chunk * chunk_tokens
     for n0 in range(start, start + chunk_tokens, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
@@ -52,8 +53,8 @@ def _pool_chunk(
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(tile.to(tl.float32), axis=0)
-    tl.store(part_ptr + b64 * stride_pb + chunk * stride_ps + cols, acc, mask=col_ok)
+        acc += tile.to(tl.float32)
+    tl.store(part_ptr + b64 * stride_pb + chunk * stride_ps + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -265,7 +266,7 @@ def _gather_mean_kernel(
     b = tl.program_id(1).to(tl.int64)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_dim
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(0, n_tokens, BLOCK_T):
         ts = t0 + tl.arange(0, BLOCK_T)
@@ -275,11 +276,11 @@ def _gather_mean_kernel(
         ids = tl.load(ids_ptr + b * stride_ib + ts * stride_it, mask=ok, other=0).to(tl.int64)
         rows = tl.load(w_ptr + ids[:, None] * stride_wv + cols[None, :] * stride_wd,
                        mask=ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.sum(rows.to(tl.float32), axis=0)
+        acc += rows.to(tl.float32)
         cnt += ok.to(tl.int32)
     n = tl.sum(cnt, axis=0).to(tl.float32)
     inv = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
-    tl.store(out_ptr + b * n_dim + cols, acc * inv, mask=col_ok)
+    tl.store(out_ptr + b * n_dim + cols, tl.sum(acc, axis=0) * inv, mask=col_ok)
     if pid_d == 0:
         tl.store(inv_ptr + b, inv)
 

@@ -85,8 +85,13 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str:
     raise AssertionError(name)
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn a user's backend choice into a concrete one, or raise before anything runs."""
+    """Turn a user's backend choice into a concrete one, or raise before anything runs.
+
+    Under torch.compile this runs once at trace time and its answer is a constant of the graph
+    (it only inspects what is installed, never tensor data).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":

@@ -243,12 +243,14 @@ def test_masked_mean_gradcheck():
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
+@pytest.mark.parametrize("backend", ["auto"] + [p for p in BACKENDS if p.values[0] != "torch"])
+def test_torch_compile_fullgraph(compile_backend, backend):
     """The ops trace as custom ops (fake impls, registered autograd): no graph break, same numbers."""
     torch._dynamo.reset()
 
     def step(img, txt, im, tm, x):
-        return fused_gap_loss(img * 2, txt, im, tm) + masked_mean(x).square().sum()
+        return (fused_gap_loss(img * 2, txt, im, tm, backend=backend)
+                + masked_mean(x, backend=backend).square().sum())
 
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     img, txt, im, tm = _inputs((3, 8, 6, 16), torch.float32, "both", False)
