@@ -198,7 +198,7 @@ def section_projector(args, ceil):
         return torch.autograd.grad((e, lam * gap), params, (dE, None))
 
     fused = {}
-    for b in kernel_backends():
+    for b in [b for b in kernel_backends() if hasattr(backends.get(b, "projector"), "gelu_gemm_forward")]:
         proj = regap_fast.FusedLlavaProjector(Dv, D, backend=b).to("cuda", DT)
         proj.load_state_dict(plain.state_dict())
         fparams = list(proj.parameters())
