@@ -134,7 +134,7 @@ def section_gap(args, ceil):
     bw = ceil["hbm_bytes_per_s"]
     kb = kernel_backends()
     out = {"headline": [], "sweep": []}
-    for Nt in (64, 128):
+    for Nt in ((128,) if args.quick else (64, 128)):
         log(f"fused_gap_loss headline, Nt={Nt}")
         out["headline"].append(bench_gap_point(32, 576, Nt, 4096, ["eager", "compile"] + kb, bw))
     sweep = {"B": [1, 4, 8, 16, 32, 64], "Ni": [32, 144, 576, 1152, 2304], "D": [1024, 2048, 4096, 5120, 8192]}
