@@ -84,7 +84,8 @@ def gap_contenders(names):
         if name == "eager":
             out[name] = lambda i, t, m: regap_fast.gap_loss_reference(i, t, None, m)
         elif name == "compile":
-            out[name] = torch.compile(regap_fast.gap_loss_reference, mode="max-autotune")
+            out[name] = torch.compile(lambda i, t, m: regap_fast.gap_loss_reference(i, t, None, m),
+                                      mode="max-autotune")
         else:
             out[name] = (lambda b: lambda i, t, m: regap_fast.fused_gap_loss(i, t, None, m, backend=b))(name)
     return out
@@ -167,7 +168,8 @@ def section_projector(args, ceil):
     B, Ni, Nt, Dv, D, V = 32, 576, 128, 1024, 4096, 32000
     lam = 0.1
     torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=Dv), text_config=LlamaConfig(hidden_size=D),
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=Dv, num_attention_heads=16),
+                      text_config=LlamaConfig(hidden_size=D, num_attention_heads=32),
                       projector_hidden_act="gelu")
     plain = LlavaMultiModalProjector(cfg).to("cuda", DT)
     table = torch.randn(V, D, device="cuda", dtype=DT)

@@ -127,8 +127,10 @@ def _gap_finish_kernel(
         st = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s in range(chunks_a, chunks_a + chunks_t):
             st += tl.load(part_ptr + b64 * stride_pb + s * stride_ps + cols, mask=ok, other=0.0)
-        diff = sa * inv_a - st * inv_t
-        diff = tl.where(valid, diff, 0.0)
+        # (sa - st * n_a/n_t) / n_a: exactly 0 for equal sums over equal counts, whatever the FMA
+        # contraction (sa * inv_a - st * inv_t can leave a rounding residue there)
+        ratio = inv_t / tl.where(valid, inv_a, 1.0)
+        diff = tl.where(valid, (sa - st * ratio) * inv_a, 0.0)
         sumsq += diff * diff
         # stash the raw difference; it is turned into the direction below
         tl.store(dir_ptr + b64 * n_dim + cols, diff, mask=ok)
