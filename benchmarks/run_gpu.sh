@@ -20,12 +20,12 @@ if ! REGAP_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --
 fi
 $PY -m regap_fast info 2>&1 | tee -a "$log"
 
+step "benchmark report"
+$PY benchmarks/run_gpu.py --out "$OUT" "$@" 2>&1 | tee -a "$log" | grep -v "^|" || true
+
 step "GPU tests (kernels, projector, model)"
 timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -x -p no:cacheprovider tests/test_gap_loss.py tests/test_projector.py \
     2>&1 | tail -15 | tee -a "$log"
-
-step "benchmark report"
-$PY benchmarks/run_gpu.py --out "$OUT" "$@" 2>&1 | tee -a "$log" | grep -v "^|" || true
 
 step "demo on the GPU"
 timeout ${DEMO_TIMEOUT:-120} $PY -m regap_fast demo --out /tmp/regap-demo 2>&1 | tail -20 | tee -a "$log"
