@@ -93,7 +93,8 @@ def cuda_extension():
         sources=extension_sources(),
         include_dirs=[str(ROOT / "csrc")] + wheel_cuda_includes(cuda_home),
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            # torch >= 2.13's headers need C++20 (bindings.cpp); the .cu files include no torch header
+            "cxx": ["-O3", "-std=c++20"],
             # no --use_fast_math: the projector epilogues need the exact erf GELU
             "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
         },

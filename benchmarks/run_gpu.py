@@ -21,6 +21,7 @@ import gc
 import json
 import math
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -33,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import regap_fast  # noqa: E402
 from regap_fast import backends  # noqa: E402
-from common import (environment, graphed, measure_ceilings, peak_memory_bytes, rotation_count,  # noqa: E402
-                    time_cuda, time_interleaved)
+from common import (environment, measure_ceilings, peak_memory_bytes, rotation_count, time_cuda,  # noqa: E402
+                    time_interleaved)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = torch.bfloat16
@@ -44,8 +45,8 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def kernel_backends() -> list[str]:
-    return [b for b in ("triton", "cuda") if not backends.why_unavailable(b, torch.device("cuda"), DT)]
+def kernel_backends(family: str = "gap_loss") -> list[str]:
+    return [b for b in ("triton", "cuda") if not backends.why_unavailable(b, torch.device("cuda"), DT, family)]
 
 
 def free():
@@ -114,15 +115,16 @@ def bench_gap_point(B, Ni, Nt, D, names, bandwidth, reps=40):
         val = f(*sets[0]).float().item()
         ref = val if ref is None else ref
         res = {"loss": val}
-        # compile(max-autotune) replays its own CUDA graphs: time it as it is; the others both ways
-        res["graph"] = time_cuda(fns, reps=reps, graph=not compiled)
-        if not compiled:
-            res["eager"] = time_cuda(fns, reps=reps)
+        res["eager"] = time_cuda(fns, reps=reps)
+        # our ops: also the device time alone, replayed from a CUDA graph. The references are timed
+        # as launched (compile(max-autotune) replays its own CUDA graphs; eager PyTorch is GPU-bound
+        # here, and capturing its autograd graph failed on torch 2.11: a legacy-stream dependency).
+        res["graph"] = time_cuda(fns, reps=reps, graph=True) if name in ("triton", "cuda") else res["eager"]
         res["hbm_fraction"] = floor_ms / res["graph"]["median_ms"]
         row["results"][name] = res
         log(f"  gap B={B} Ni={Ni} Nt={Nt} D={D} {name:8s} {res['graph']['median_ms'] * 1e3:8.1f} us "
             f"(floor {floor_ms * 1e3:.1f} us, {res['hbm_fraction']:.0%} of HBM)"
-            + (f", eager-launch {res['eager']['median_ms'] * 1e3:.1f} us" if "eager" in res else ""))
+            + f", as launched {res['eager']['median_ms'] * 1e3:.1f} us")
         del fns
     for name, r in row["results"].items():  # every contender computes the same loss
         assert math.isclose(r["loss"], ref, rel_tol=2e-2), (name, r["loss"], ref)
@@ -200,7 +202,7 @@ def section_projector(args, ceil):
         return torch.autograd.grad((e, lam * gap), params, (dE, None))
 
     fused = {}
-    for b in [b for b in kernel_backends() if hasattr(backends.get(b, "projector"), "gelu_gemm_forward")]:
+    for b in kernel_backends("projector"):
         proj = regap_fast.FusedLlavaProjector(Dv, D, backend=b).to("cuda", DT)
         proj.load_state_dict(plain.state_dict())
         fparams = list(proj.parameters())
@@ -226,26 +228,28 @@ def section_projector(args, ceil):
     floor_ms = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
     res = {"shape": dict(B=B, Ni=Ni, Nt=Nt, Dv=Dv, D=D, dtype="bf16", regap_weight=lam), "flops": flops,
            "matmul_floor_ms": floor_ms, "grad_rel_diff_vs_unfused": checks, "results": {}}
-    replays = {name: [graphed(lambda fn=fn, s=s: fn(*s)) for s in sets] for name, fn in variants.items()}
-    timings = time_interleaved(replays, rounds=15, per_round=2)
+    # all as launched (GEMM-bound: milliseconds of device work per call hide the launches),
+    # interleaved so that clock drift hits every variant alike
+    calls = {name: [(lambda fn=fn, s=s: fn(*s)) for s in sets] for name, fn in variants.items()}
+    timings = time_interleaved(calls, rounds=15, per_round=2)
     for name, fn in variants.items():
-        r = {"graph": timings[name], "peak_mem_bytes": peak_memory_bytes(lambda fn=fn: fn(*sets[0]))}
-        r["matmul_floor_fraction"] = floor_ms / r["graph"]["median_ms"]
+        r = {"time": timings[name], "peak_mem_bytes": peak_memory_bytes(lambda fn=fn: fn(*sets[0]))}
+        r["matmul_floor_fraction"] = floor_ms / r["time"]["median_ms"]
         res["results"][name] = r
-        log(f"  projector {name:28s} {r['graph']['median_ms']:.3f} ms ({r['matmul_floor_fraction']:.0%} of the "
+        log(f"  projector {name:28s} {r['time']['median_ms']:.3f} ms ({r['matmul_floor_fraction']:.0%} of the "
             f"matmul floor), peak {r['peak_mem_bytes'] / 2**20:.0f} MiB")
     try:
         fns = [(lambda s=s: compiled(*s)) for s in sets]
         for s in sets:
             compiled(*s)
-        r = {"eager_launch": time_cuda(fns, reps=30), "peak_mem_bytes": peak_memory_bytes(lambda: compiled(*sets[0]))}
-        r["matmul_floor_fraction"] = floor_ms / r["eager_launch"]["median_ms"]
+        r = {"time": time_cuda(fns, reps=30), "peak_mem_bytes": peak_memory_bytes(lambda: compiled(*sets[0]))}
+        r["matmul_floor_fraction"] = floor_ms / r["time"]["median_ms"]
         res["results"]["unfused_compiled"] = r
-        log(f"  projector unfused_compiled {r['eager_launch']['median_ms']:.3f} ms")
+        log(f"  projector unfused_compiled {r['time']['median_ms']:.3f} ms")
     except Exception as exc:  # report, do not lose the rest
         res["results"]["unfused_compiled"] = {"error": repr(exc)}
         log(f"  projector unfused_compiled failed: {exc!r}")
-    del sets, replays
+    del sets, calls
     free()
     return res
 
@@ -280,9 +284,9 @@ def summarise(report) -> dict:
     if proj and not proj.get("error"):
         r = proj["results"]
         fused = [k for k in r if k.startswith("fused_")]
-        best = min(fused, key=lambda k: r[k]["graph"]["median_ms"])
+        best = min(fused, key=lambda k: r[k]["time"]["median_ms"])
         s["projector_backend"] = best.removeprefix("fused_")
-        s["projector_fused_vs_plain_time_ratio"] = r[best]["graph"]["median_ms"] / r["plain_no_regap"]["graph"]["median_ms"]
+        s["projector_fused_vs_plain_time_ratio"] = r[best]["time"]["median_ms"] / r["plain_no_regap"]["time"]["median_ms"]
         s["projector_fused_vs_plain_peak_mem_ratio"] = r[best]["peak_mem_bytes"] / r["plain_no_regap"]["peak_mem_bytes"]
     train = report.get("train_step")
     if train and not train.get("error"):
@@ -308,11 +312,11 @@ def write_markdown(report, path: Path) -> None:
     if gap and not gap.get("error"):
         lines += ["", "## fused_gap_loss forward+backward (bf16, B=32, Ni=576, D=4096, no image mask, "
                   "captions padded to Nt)", "",
-                  "| Nt | contender | device time (us) | eager-launch time (us) | of HBM floor |",
+                  "| Nt | contender | device time (us) | as launched (us) | of HBM floor |",
                   "| --- | --- | --- | --- | --- |"]
         for row in gap["headline"]:
             for name, r in row["results"].items():
-                eager = f"{r['eager']['median_ms'] * 1e3:.1f}" if "eager" in r else "(own CUDA graphs)"
+                eager = f"{r['eager']['median_ms'] * 1e3:.1f}"
                 lines.append(f"| {row['Nt']} | {name} | {r['graph']['median_ms'] * 1e3:.1f} | {eager} | "
                              f"{r['hbm_fraction']:.0%} |")
     proj = report.get("projector")
@@ -323,7 +327,7 @@ def write_markdown(report, path: Path) -> None:
             if "error" in r:
                 lines.append(f"| {name} | failed: {r['error'][:80]} | | |")
                 continue
-            t = r.get("graph", r.get("eager_launch"))["median_ms"]
+            t = r["time"]["median_ms"]
             lines.append(f"| {name} | {t:.3f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['matmul_floor_fraction']:.0%} |")
     train = report.get("train_step")
     if train and not train.get("error"):
@@ -362,37 +366,62 @@ def plot_sweep(report, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+SECTIONS = {"gap": ("gap_loss", section_gap), "projector": ("projector", section_projector),
+            "train": ("train_step", section_train)}
+
+
+def run_section_child(args) -> int:
+    """One section in this process; its result (or the error) as JSON in args.part."""
+    name, fn = SECTIONS[args.only]
+    ceil = json.loads(Path(args.ceilings).read_text())
+    try:
+        result = fn(args, ceil)
+    except Exception:
+        result = {"error": traceback.format_exc()}
+        log(f"section {name} FAILED:\n{result['error']}")
+    Path(args.part).write_text(json.dumps(result, default=str))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="gap,projector,train")
     ap.add_argument("--quick", action="store_true", help="smaller sweeps and step counts")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--only", choices=sorted(SECTIONS), help=argparse.SUPPRESS)  # internal: child process
+    ap.add_argument("--ceilings", help=argparse.SUPPRESS)
+    ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("run_gpu.py needs a CUDA GPU; on the CPU use `pytest benchmarks --benchmark-only`.")
         return 2
+    if args.only:
+        return run_section_child(args)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment()}
     log(f"environment: {report['environment']}")
     report["ceilings"] = ceil = measure_ceilings()
     log(f"ceilings: HBM {ceil['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
         f"{ceil['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
-    sections = {"gap": ("gap_loss", section_gap), "projector": ("projector", section_projector),
-                "train": ("train_step", section_train)}
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["gpu"]).strip("-").lower()
     stem = args.out / f"{gpu}-{time.strftime('%Y-%m-%d')}"
+    ceil_file, part_file = Path(str(stem) + ".ceilings.tmp"), Path(str(stem) + ".part.tmp")
+    ceil_file.write_text(json.dumps(ceil))
     for key in args.sections.split(","):
-        name, fn = sections[key]
+        name = SECTIONS[key][0]
         t0 = time.time()
-        try:
-            report[name] = fn(args, ceil)
-        except Exception:  # one failed section must not lose the others
-            report[name] = {"error": traceback.format_exc()}
-            log(f"section {name} FAILED:\n{report[name]['error']}")
+        # each section in its own process: a CUDA error (or a broken graph capture) in one cannot
+        # poison the device state of the next
+        part_file.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--only", key, "--ceilings", str(ceil_file), "--part", str(part_file)]
+        rc = subprocess.run(cmd + (["--quick"] if args.quick else [])).returncode
+        report[name] = (json.loads(part_file.read_text()) if part_file.exists()
+                        else {"error": f"the section's process exited with status {rc} before writing a result"})
         report.setdefault("section_seconds", {})[name] = round(time.time() - t0, 1)
-        free()
         report["summary"] = summarise(report)
         stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    ceil_file.unlink(missing_ok=True)
+    part_file.unlink(missing_ok=True)
     write_markdown(report, stem.with_suffix(".md"))
     if report.get("gap_loss", {}).get("sweep"):
         plot_sweep(report, Path(str(stem) + "-gap-sweep.png"))

@@ -1,15 +1,20 @@
 """Which implementation runs an op: ``torch`` (reference), ``triton`` or ``cuda`` (``regap_fast._C``).
 
-Kernels come in families; each backend provides every family with the same primitives, so the ops
-dispatch to any backend alike:
+Kernels come in families; a backend that provides a family provides all of its primitives with the
+same contracts, so the ops dispatch to any backend alike:
 
-* ``gap_loss``  — ``pool_gap_forward``, ``masked_mean_forward``, ``gather_mean_forward``,
-  ``broadcast_rows``
-  (torch: ``regap_fast.reference``; triton: ``regap_fast.kernels.gap_loss``);
-* ``projector`` — ``gelu_gemm_forward``, ``dgelu_gemm_backward``
-  (triton: ``regap_fast.kernels.projector``; the torch backend runs the projector as plain autograd).
+==========  ============================================================  ==========================
+family      primitives                                                    modules
+==========  ============================================================  ==========================
+gap_loss    ``pool_gap_forward``, ``masked_mean_forward``,                torch: ``regap_fast.reference``
+            ``broadcast_rows``                                            triton: ``kernels/gap_loss.py``
+text_pool   ``gather_mean_forward``                                       (same modules)
+projector   ``gelu_gemm_forward``, ``dgelu_gemm_backward``                triton: ``kernels/projector.py``
+==========  ============================================================  ==========================
 
-The cuda backend is ``regap_fast._cuda_backend`` (one module, every family) over ``regap_fast._C``.
+The cuda backend is ``regap_fast._cuda_backend`` (one module over ``regap_fast._C``). The torch
+backend runs the projector as plain autograd (``regap_fast.projector``), so it has no ``projector``
+primitives.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
-# What "auto" picks for CUDA tensors: the faster of the two kernel backends at LLaVA-1.5 shapes,
-# as measured by benchmarks/run_gpu.py (see benchmarks/results/ and the README's Performance table).
-AUTO_ON_CUDA = ("triton", "cuda")
+FAMILIES = {
+    "gap_loss": ("pool_gap_forward", "masked_mean_forward", "broadcast_rows"),
+    "text_pool": ("gather_mean_forward",),
+    "projector": ("gelu_gemm_forward", "dgelu_gemm_backward"),
+}
+_TRITON_FILES = {"gap_loss": "gap_loss", "text_pool": "gap_loss", "projector": "projector"}
+
+# What "auto" picks for CUDA tensors, in order of preference: the faster kernel backend as measured
+# on an H100 at LLaVA-1.5-7B shapes (benchmarks/results/): for the gap loss the CUDA kernels
+# (LLaVA fwd+bwd 93.7 us vs 102.0 us for Triton), for the projector Triton's GEMM epilogues.
+AUTO_ON_CUDA = {"gap_loss": ("cuda", "triton"), "text_pool": ("cuda", "triton"), "projector": ("triton", "cuda")}
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -34,61 +47,61 @@ class BackendUnavailable(ValueError):
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_module(family: str = "gap_loss") -> tuple[ModuleType | None, str]:
-    try:
-        mod = importlib.import_module(f"regap_fast.kernels.{family}")
-    except Exception as exc:  # triton missing or broken: the torch backend still works
-        return None, f"Triton kernels failed to import ({type(exc).__name__}: {exc})"
+def _import(name: str, family: str) -> tuple[ModuleType | None, str]:
+    """The module of backend ``name`` that provides ``family``, or None and the reason."""
+    if name == "torch":
+        mod = importlib.import_module("regap_fast.reference")
+    elif name == "triton":
+        try:
+            mod = importlib.import_module(f"regap_fast.kernels.{_TRITON_FILES[family]}")
+        except Exception as exc:  # triton missing or broken: the torch backend still works
+            return None, f"Triton kernels failed to import ({type(exc).__name__}: {exc})"
+    else:
+        try:
+            importlib.import_module("regap_fast._C")
+        except ImportError as exc:
+            return None, (f"the CUDA extension regap_fast._C is not built ({exc}); reinstall with a CUDA "
+                          "toolkit and a CUDA build of PyTorch present: "
+                          "REGAP_FAST_BUILD_CUDA=1 pip install -e . --no-build-isolation")
+        mod = importlib.import_module("regap_fast._cuda_backend")
+    missing = [f for f in FAMILIES[family] if not hasattr(mod, f)]
+    if missing:
+        return None, f"backend {name!r} has no {family} kernels ({', '.join(missing)})"
     return mod, ""
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_module() -> tuple[ModuleType | None, str]:
-    try:
-        importlib.import_module("regap_fast._C")
-    except ImportError as exc:
-        return None, (f"the CUDA extension regap_fast._C is not built ({exc}); reinstall with a CUDA "
-                      "toolkit and a CUDA build of PyTorch present: "
-                      "REGAP_FAST_BUILD_CUDA=1 pip install -e . --no-build-isolation")
-    return importlib.import_module("regap_fast._cuda_backend"), ""
 
 
 def triton_interpreted() -> bool:
     """True when the Triton kernels were compiled for the CPU interpreter (TRITON_INTERPRET=1)."""
-    mod, _ = _triton_module()
+    mod, _ = _import("triton", "gap_loss")
     return bool(mod is not None and mod.INTERPRETED)
 
 
-def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """'' when backend ``name`` can run tensors of this device and dtype, else the reason."""
+def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, family: str = "gap_loss") -> str:
+    """'' when backend ``name`` can run ``family`` on tensors of this device and dtype, else the reason."""
     if name == "torch":
-        return ""
+        return "" if family != "projector" else "the torch backend runs the projector as plain autograd"
     if dtype not in KERNEL_DTYPES:
         return f"backend {name!r} supports {', '.join(map(str, KERNEL_DTYPES))}, not {dtype}; use backend='torch'"
+    mod, reason = _import(name, family)
+    if mod is None:
+        return reason
     if name == "triton":
-        mod, reason = _triton_module()
-        if mod is None:
-            return reason
-        if device.type == "cuda" and not mod.INTERPRETED:
-            return ""
-        if device.type == "cpu" and mod.INTERPRETED:
+        if (device.type == "cuda") != mod.INTERPRETED:
             return ""
         if device.type == "cpu":
             return ("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before regap_fast "
                     "is imported, to run the kernels on the CPU for testing)")
         return f"backend 'triton' cannot run tensors on {device} (interpreter mode: {mod.INTERPRETED})"
-    if name == "cuda":
-        if device.type != "cuda":
-            return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
-        mod, reason = _cuda_module()
-        return reason
-    raise AssertionError(name)
+    if device.type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
+    return ""
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, family: str = "gap_loss") -> str:
     """Turn a user's backend choice into a concrete one, or raise before anything runs.
 
+    ``auto``: the preferred kernel backend that can run here for CUDA tensors, else ``torch``.
     Under torch.compile this runs once at trace time and its answer is a constant of the graph
     (it only inspects what is installed, never tensor data).
     """
@@ -96,35 +109,32 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         if device.type == "cuda":
-            for name in AUTO_ON_CUDA:
-                if not why_unavailable(name, device, dtype):
+            for name in AUTO_ON_CUDA[family]:
+                if not why_unavailable(name, device, dtype, family):
                     return name
         return "torch"
-    reason = why_unavailable(backend, device, dtype)
+    if backend == "torch":
+        return "torch"
+    reason = why_unavailable(backend, device, dtype, family)
     if reason:
         raise BackendUnavailable(reason)
     return backend
 
 
 def get(name: str, family: str = "gap_loss") -> ModuleType:
-    """The module implementing kernel family ``family`` on backend ``name`` (already resolved)."""
-    if name == "torch":
-        return importlib.import_module("regap_fast.reference")
-    if name == "triton":
-        mod, reason = _triton_module(family)
-        if mod is None:
-            raise BackendUnavailable(reason)
-        return mod
-    if name == "cuda":
-        return _cuda_module()[0]
-    raise ValueError(f"unknown backend {name!r}")
+    """The module implementing ``family`` on backend ``name`` (already resolved)."""
+    mod, reason = _import(name, family)
+    if mod is None:
+        raise BackendUnavailable(reason)
+    return mod
 
 
 def available() -> dict[str, str]:
-    """Each backend and whether it can run here: 'yes' or the reason it cannot (for `regap-fast info`)."""
+    """Each backend and family, and whether it can run here ('yes' or the reason; `regap-fast info`)."""
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     out = {}
     for name in BACKENDS[1:]:
-        reason = why_unavailable(name, dev, torch.float32)
-        out[name] = "yes" if not reason else reason
+        for family in FAMILIES:
+            reason = why_unavailable(name, dev, torch.float32, family)
+            out[f"{name}/{family}"] = "yes" if not reason else reason
     return out

@@ -215,7 +215,7 @@ def masked_mean(x: Tensor, mask: Optional[Tensor] = None, *, backend: str = "aut
 def _pooled_text_forward(input_ids: Tensor, weight: Tensor, mask: Optional[Tensor],
                          backend: str) -> tuple[Tensor, Tensor]:
     """(mean of weight[input_ids] over valid tokens [B, D], 1/n [B]) in the accumulation dtype."""
-    return backends.get(backend).gather_mean_forward(input_ids, weight, mask)
+    return backends.get(backend, "text_pool").gather_mean_forward(input_ids, weight, mask)
 
 
 @_pooled_text_forward.register_fake
@@ -277,6 +277,6 @@ def pooled_text_embeddings(input_ids: Tensor, weight: Tensor, text_mask: Optiona
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"input_ids must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
-    name = backends.resolve(backend, weight.device, weight.dtype)
+    name = backends.resolve(backend, weight.device, weight.dtype, "text_pool")
     mean, _ = torch.ops.regap_fast.pooled_text_forward(input_ids, weight, text_mask, name)
     return mean

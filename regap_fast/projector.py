@@ -77,7 +77,7 @@ class FusedLlavaProjector(nn.Module):
         _check_projector_input(x, image_mask, self.in_features)
         if return_pooled:
             dtype = _compute_dtype(x)
-            name = backends.resolve(self.backend, x.device, dtype)
+            name = backends.resolve(self.backend, x.device, dtype, "projector")
             if name != "torch":
                 return _fused_mlp_gelu(self, x.to(dtype), image_mask, backends.get(name, "projector"))
         h = F.gelu(self.linear_1(x))

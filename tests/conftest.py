@@ -19,16 +19,11 @@ from regap_fast import backends  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def kernel_backends() -> list[str]:
-    """The kernel backends that can run on this machine's test device."""
-    return [b for b in ("triton", "cuda") if not backends.why_unavailable(b, DEVICE, torch.float32)]
-
-
-def all_backend_params():
+def all_backend_params(family: str = "gap_loss"):
     """torch, plus every kernel backend; a missing one is a visible skip, not a silent drop."""
     params = [pytest.param("torch")]
     for name in ("triton", "cuda"):
-        reason = backends.why_unavailable(name, DEVICE, torch.float32)
+        reason = backends.why_unavailable(name, DEVICE, torch.float32, family)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         if name == "cuda":
             marks.append(pytest.mark.cuda_ext)

@@ -321,7 +321,7 @@ def test_error_tensors_on_different_devices():
 
 def test_error_triton_on_cpu_without_interpreter(monkeypatch):
     """Without TRITON_INTERPRET the Triton backend refuses CPU tensors with a clear message."""
-    mod, _ = regap_fast.backends._triton_module()
+    mod, _ = regap_fast.backends._import("triton", "gap_loss")
     if mod is None:
         pytest.skip("triton not importable")
     monkeypatch.setattr(mod, "INTERPRETED", False)

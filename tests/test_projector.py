@@ -11,7 +11,8 @@ from regap_fast import (FusedLinearProjector, FusedLlavaProjector, fused_gap_los
 from conftest import DEVICE, all_backend_params, requires_gpu
 from helpers import random_mask, rel_err
 
-BACKENDS = all_backend_params()
+BACKENDS = all_backend_params("projector")
+TEXT_BACKENDS = all_backend_params("text_pool")
 
 
 def _unfused(proj, x, ids, table, im, tm, lam, probe, squared=False):
@@ -131,7 +132,7 @@ def test_linear_projector(backend, size, masks):
     _check(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TEXT_BACKENDS)
 def test_pooled_text_embeddings(backend):
     V, D = 37, 19
     table = torch.randn(V, D, device=DEVICE, requires_grad=True)
@@ -216,7 +217,7 @@ def test_projector_input_errors():
 @requires_gpu
 @pytest.mark.parametrize("backend", [b for b in ("triton", "cuda")])
 def test_llava_projector_bf16_llava7b_shapes(backend):
-    reason = regap_fast.backends.why_unavailable(backend, DEVICE, torch.bfloat16)
+    reason = regap_fast.backends.why_unavailable(backend, DEVICE, torch.bfloat16, "projector")
     if reason:
         pytest.skip(reason)
     B, Ni, Nt, Dv, D = 8, 576, 64, 1024, 4096

@@ -1,0 +1,247 @@
+// regap_fast._C: thin pybind11 bindings of the CUDA kernels. The only file that includes torch
+// headers (they dominate compile time); the kernel files take raw pointers and strides.
+//
+// Layout: helpers shared by every op, then one section per kernel file (gap_loss.cu, ...), each
+// ending in a bind_<file>(module) function; PYBIND11_MODULE at the bottom calls them all.
+// Python validates every input first (regap_fast/_validation.py); the TORCH_CHECKs here are the
+// last line of defence for direct callers of regap_fast._C.
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "gap_loss.h"
+
+namespace {
+
+// --------------------------------------------------------------------------------------------------
+// shared helpers
+// --------------------------------------------------------------------------------------------------
+
+regap::DType kernel_dtype(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return regap::DType::kFloat32;
+    case at::kHalf: return regap::DType::kFloat16;
+    case at::kBFloat16: return regap::DType::kBFloat16;
+    default: TORCH_CHECK(false, name, ": the CUDA kernels support float32, float16 and bfloat16, got ", t);
+  }
+  return regap::DType::kFloat32;  // unreachable
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "regap_fast._C.", what, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the other inputs are on ", device);
+}
+
+// A [B, N] bool (or uint8) mask, read as bytes: nonzero = the token counts.
+void check_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t batch, int64_t rows,
+                const at::Device& device) {
+  if (!mask.has_value()) return;
+  check_cuda_tensor(*mask, name, device);
+  TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte, name,
+              " must be a bool tensor, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == batch && mask->size(1) == rows, name, " must have shape [",
+              batch, ", ", rows, "], got ", mask->sizes());
+}
+
+const uint8_t* mask_data(const std::optional<at::Tensor>& mask) {
+  return mask.has_value() ? static_cast<const uint8_t*>(mask->data_ptr()) : nullptr;
+}
+
+// A [B, N, D] token tensor and its mask as the kernels see them (no copy: any strides work).
+regap::TokenSide token_side(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+  regap::TokenSide s;
+  s.data = x.data_ptr();
+  s.rows = x.size(1);
+  s.stride_b = x.stride(0);
+  s.stride_n = x.stride(1);
+  s.stride_d = x.stride(2);
+  s.mask = mask_data(mask);
+  if (mask.has_value()) {
+    s.mask_stride_b = mask->stride(0);
+    s.mask_stride_n = mask->stride(1);
+  }
+  return s;
+}
+
+void check_tokens(const at::Tensor& x, const char* name, const at::Device& device) {
+  check_cuda_tensor(x, name, device);
+  TORCH_CHECK(x.dim() == 3, name, " must have shape [B, N, D], got ", x.sizes());
+  TORCH_CHECK(x.size(0) > 0 && x.size(2) > 0, name, " must have a non-empty batch and feature size, got ",
+              x.sizes());
+  kernel_dtype(x.scalar_type(), name);
+}
+
+// An fp32 view of a per-sample scalar: a 0-d or one-element tensor broadcasts (stride 0), else [B].
+std::pair<at::Tensor, int64_t> per_sample(const at::Tensor& t, const char* name, int64_t batch,
+                                          const at::Device& device) {
+  check_cuda_tensor(t, name, device);
+  const at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  if (f.numel() == 1) return {f, 0};
+  TORCH_CHECK(f.dim() == 1 && f.size(0) == batch, name, " must be a scalar or have shape [", batch, "], got ",
+              f.sizes());
+  return {f, f.stride(0)};
+}
+
+// --------------------------------------------------------------------------------------------------
+// gap_loss.cu: pooled gap loss, masked mean, broadcast-rows backward
+// --------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_gap_forward(const at::Tensor& image_embeds,
+                                                                const at::Tensor& text_embeds,
+                                                                const std::optional<at::Tensor>& image_mask,
+                                                                const std::optional<at::Tensor>& text_mask,
+                                                                int64_t reduction, bool squared) {
+  const at::Device device = image_embeds.device();
+  check_tokens(image_embeds, "image_embeds", device);
+  check_tokens(text_embeds, "text_embeds", device);
+  TORCH_CHECK(image_embeds.scalar_type() == text_embeds.scalar_type(),
+              "image_embeds and text_embeds must have the same dtype");
+  TORCH_CHECK(image_embeds.size(0) == text_embeds.size(0) && image_embeds.size(2) == text_embeds.size(2),
+              "image_embeds ", image_embeds.sizes(), " and text_embeds ", text_embeds.sizes(),
+              " must agree in B and D");
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ", reduction);
+  const int64_t batch = image_embeds.size(0), dim = image_embeds.size(2);
+  check_mask(image_mask, "image_mask", batch, image_embeds.size(1), device);
+  check_mask(text_mask, "text_mask", batch, text_embeds.size(1), device);
+  const regap::DType dtype = kernel_dtype(image_embeds.scalar_type(), "image_embeds");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const regap::TokenSide image = token_side(image_embeds, image_mask);
+  const regap::TokenSide text = token_side(text_embeds, text_mask);
+  regap::PoolPlan plan;
+  check_launch(regap::plan_pool(image, &text, batch, dim, dtype, &plan), "pool_gap_forward");
+
+  const auto f32 = image_embeds.options().dtype(at::kFloat);
+  // freed when this function returns: the caching allocator reuses it only after the kernels on
+  // this stream are done with it
+  at::Tensor partial = at::empty({batch, plan.slots(), dim}, f32);
+  at::Tensor direction = at::empty({batch, dim}, f32);
+  at::Tensor gaps = at::empty({batch}, f32);
+  at::Tensor stats = at::empty({3, batch}, f32);
+  at::Tensor loss = reduction == 0 ? gaps : at::empty({}, f32);
+  check_launch(regap::gap_loss_forward(image, text, batch, dim, dtype, static_cast<regap::Reduction>(reduction),
+                                       squared, plan, partial.data_ptr<float>(), direction.data_ptr<float>(),
+                                       gaps.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(),
+                                       at::cuda::getCurrentCUDAStream()),
+               "pool_gap_forward");
+  return {loss, direction, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_mean_forward(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
+  const at::Device device = x.device();
+  check_tokens(x, "x", device);
+  const int64_t batch = x.size(0), dim = x.size(2);
+  check_mask(mask, "mask", batch, x.size(1), device);
+  const regap::DType dtype = kernel_dtype(x.scalar_type(), "x");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const regap::TokenSide side = token_side(x, mask);
+  regap::PoolPlan plan;
+  check_launch(regap::plan_pool(side, nullptr, batch, dim, dtype, &plan), "masked_mean_forward");
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor partial = at::empty({batch, plan.slots(), dim}, f32);
+  at::Tensor mean = at::empty({batch, dim}, f32);
+  at::Tensor inv_count = at::empty({batch}, f32);
+  check_launch(regap::masked_mean_forward(side, batch, dim, dtype, plan, partial.data_ptr<float>(),
+                                          mean.data_ptr<float>(), inv_count.data_ptr<float>(),
+                                          at::cuda::getCurrentCUDAStream()),
+               "masked_mean_forward");
+  return {mean, inv_count};
+}
+
+std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> broadcast_rows(
+    const at::Tensor& v, const at::Tensor& g, const at::Tensor& w, const at::Tensor& inv_a, const at::Tensor& inv_t,
+    int64_t n_a, int64_t n_t, const std::optional<at::Tensor>& mask_a, const std::optional<at::Tensor>& mask_t,
+    at::ScalarType dtype, bool need_a, bool need_t, double sign_t) {
+  const at::Device device = v.device();
+  check_cuda_tensor(v, "v", device);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) > 0 && v.size(1) > 0, "v must have shape [B, D] with B, D > 0, got ",
+              v.sizes());
+  const int64_t batch = v.size(0), dim = v.size(1);
+  const regap::DType out_dtype = kernel_dtype(dtype, "dtype");
+  TORCH_CHECK(n_a >= 0 && n_t >= 0, "n_a and n_t must be >= 0, got ", n_a, " and ", n_t);
+  if (need_a) check_mask(mask_a, "mask_a", batch, n_a, device);
+  if (need_t) check_mask(mask_t, "mask_t", batch, n_t, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor vf = v.scalar_type() == at::kFloat ? v : v.to(at::kFloat);
+  const auto [gf, g_stride] = per_sample(g, "g", batch, device);
+  const auto [wf, w_stride] = per_sample(w, "w", batch, device);
+
+  regap::BroadcastVector vec;
+  vec.v = vf.data_ptr<float>();
+  vec.stride_b = vf.stride(0);
+  vec.stride_d = vf.stride(1);
+  vec.g = gf.data_ptr<float>();
+  vec.g_stride = g_stride;
+  vec.w = wf.data_ptr<float>();
+  vec.w_stride = w_stride;
+
+  // Keeps the fp32 views of inv alive until the launch.
+  std::optional<at::Tensor> inv_keep[2];
+  auto side = [&](bool needed, const std::optional<at::Tensor>& mask, int64_t n, const at::Tensor& inv,
+                  float sign, const char* inv_name, int which, std::optional<at::Tensor>* out) {
+    regap::BroadcastSide s;
+    if (!needed) return s;
+    *out = at::empty({batch, mask.has_value() ? n : 1, dim}, v.options().dtype(dtype));
+    const auto [invf, inv_stride] = per_sample(inv, inv_name, batch, device);
+    inv_keep[which] = invf;
+    s.out = (*out)->data_ptr();
+    s.rows = (*out)->size(1);
+    s.mask = mask_data(mask);
+    if (mask.has_value()) {
+      s.mask_stride_b = mask->stride(0);
+      s.mask_stride_n = mask->stride(1);
+    }
+    s.inv = invf.data_ptr<float>();
+    s.inv_stride = inv_stride;
+    s.sign = sign;
+    return s;
+  };
+  std::optional<at::Tensor> out_a, out_t;
+  const regap::BroadcastSide a = side(need_a, mask_a, n_a, inv_a, 1.0f, "inv_a", 0, &out_a);
+  const regap::BroadcastSide t = side(need_t, mask_t, n_t, inv_t, static_cast<float>(sign_t), "inv_t", 1, &out_t);
+  check_launch(regap::broadcast_rows(vec, a, t, batch, dim, out_dtype, at::cuda::getCurrentCUDAStream()),
+               "broadcast_rows");
+  return {out_a, out_t};
+}
+
+void bind_gap_loss(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("pool_gap_forward", &pool_gap_forward,
+        "pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction, squared)"
+        " -> (loss, direction, stats)\n\n"
+        "Forward of the REGAP gap loss. image_embeds [B, Ni, D] and text_embeds [B, Nt, D] (fp32/fp16/bf16,\n"
+        "any strides), masks [B, N] bool or None; reduction 0 = none, 1 = sum, 2 = mean.\n"
+        "Returns loss ([B] for none, else a scalar), direction = dgap/d(mu_i - mu_t) [B, D] and stats [3, B]\n"
+        "(1/n_image, 1/n_text, per-sample weight), all fp32.",
+        py::arg("image_embeds"), py::arg("text_embeds"), py::arg("image_mask"), py::arg("text_mask"),
+        py::arg("reduction"), py::arg("squared"));
+  m.def("masked_mean_forward", &masked_mean_forward,
+        "masked_mean_forward(x, mask) -> (mean [B, D], inv_count [B]), both fp32; x [B, N, D], mask [B, N] or None.",
+        py::arg("x"), py::arg("mask"));
+  m.def("broadcast_rows", &broadcast_rows,
+        "broadcast_rows(v, g, w, inv_a, inv_t, n_a, n_t, mask_a, mask_t, dtype, need_a, need_t, sign_t)"
+        " -> (out_a, out_t)\n\n"
+        "out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows (0 on masked rows), out_t likewise times sign_t.\n"
+        "g and w are 0-d or [B]; a side without a mask comes back as [B, 1, D]; a side not needed as None.",
+        py::arg("v"), py::arg("g"), py::arg("w"), py::arg("inv_a"), py::arg("inv_t"), py::arg("n_a"),
+        py::arg("n_t"), py::arg("mask_a"), py::arg("mask_t"), py::arg("dtype"), py::arg("need_a"),
+        py::arg("need_t"), py::arg("sign_t"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "regap_fast CUDA kernels (the `cuda` backend); see regap_fast/_cuda_backend.py";
+  bind_gap_loss(m);
+}

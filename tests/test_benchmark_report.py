@@ -1,0 +1,81 @@
+"""The GPU report's bookkeeping (summary ratios, markdown, plot) on a synthetic result, on the CPU.
+
+The measurements themselves need a GPU (benchmarks/run_gpu.py); what turns them into the committed
+report must not first fail there.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+run_gpu = pytest.importorskip("run_gpu")
+
+
+def _t(ms):
+    return {"median_ms": ms, "p10_ms": ms * 0.98, "p90_ms": ms * 1.02, "reps": 30}
+
+
+def _gap_row(B, Ni, D, axis=None):
+    row = {"B": B, "Ni": Ni, "Nt": 128, "D": D, "bytes": 2e8, "floor_ms": 0.07, "results": {}}
+    for name, ms in (("eager", 0.8), ("compile", 0.3), ("triton", 0.102), ("cuda", 0.094)):
+        row["results"][name] = {"loss": 1.0, "eager": _t(ms * 1.1), "graph": _t(ms), "hbm_fraction": 0.07 / ms}
+    if axis:
+        row["axis"] = axis
+        del row["results"]["compile"]
+    return row
+
+
+def _report():
+    proj = {name: {"time": _t(ms), "peak_mem_bytes": mem, "matmul_floor_fraction": 2.9 / ms}
+            for name, ms, mem in (("plain_no_regap", 3.0, 4e9), ("unfused_eager", 3.4, 4.3e9),
+                                  ("plain_plus_fused_gap_loss", 3.2, 4.0e9), ("fused_triton", 2.95, 4e9),
+                                  ("unfused_compiled", 3.1, 4.1e9))}
+    return {
+        "environment": {"date": "2026-01-01 00:00 UTC", "command": "python3 run_gpu.py", "git_commit": "abc",
+                        "torch": "2.11", "triton": "3.6", "cuda": "13.0", "gpu": "NVIDIA H100", "driver": "580"},
+        "ceilings": {"hbm_bytes_per_s": 3.0e12, "bf16_matmul_flop_per_s": 8.0e14},
+        "gap_loss": {"headline": [_gap_row(32, 576, 4096)],
+                     "sweep": [_gap_row(b, 576, 4096, "B") for b in (8, 32)]
+                     + [_gap_row(32, n, 4096, "Ni") for n in (144, 576)]
+                     + [_gap_row(32, 576, d, "D") for d in (2048, 4096)]},
+        "projector": {"results": proj},
+        "train_step": {"description": "test", "off": {"time": _t(500.0), "peak_mem_bytes": 40e9},
+                       "on": {"time": _t(501.0), "peak_mem_bytes": 40.01e9}, "time_ratio": 1.002,
+                       "peak_mem_ratio": 1.00025},
+    }
+
+
+def test_summary_names_and_values():
+    report = _report()
+    s = run_gpu.summarise(report)
+    for key in ("train_step_time_ratio", "train_step_peak_mem_ratio", "projector_fused_vs_plain_time_ratio",
+                "gap_loss_fwd_bwd_hbm_fraction", "gap_loss_speedup_vs_eager", "gap_loss_speedup_vs_compile"):
+        assert key in s, key
+    assert s["gap_loss_backend"] == "cuda"
+    assert s["gap_loss_speedup_vs_eager"] == pytest.approx(0.8 / 0.094)
+    assert s["gap_loss_speedup_vs_compile"] == pytest.approx(0.3 / 0.094)
+    assert s["projector_fused_vs_plain_time_ratio"] == pytest.approx(2.95 / 3.0)
+    json.dumps(s)
+
+
+def test_markdown_and_plot(tmp_path):
+    report = _report()
+    report["summary"] = run_gpu.summarise(report)
+    md = tmp_path / "r.md"
+    run_gpu.write_markdown(report, md)
+    text = md.read_text()
+    assert "| gap_loss_speedup_vs_eager |" in text and "fused_triton" in text and "REGAP" in text
+    run_gpu.plot_sweep(report, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_failed_section_is_reported_not_fatal(tmp_path):
+    report = _report()
+    report["projector"] = {"error": "Traceback ...\nRuntimeError: boom"}
+    report["summary"] = run_gpu.summarise(report)
+    assert "projector_fused_vs_plain_time_ratio" not in report["summary"]
+    run_gpu.write_markdown(report, tmp_path / "r.md")
+    assert "projector: FAILED" in (tmp_path / "r.md").read_text()
