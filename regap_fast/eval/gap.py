@@ -1,0 +1,239 @@
+"""``regap-fast gap``: the modality gap of a LLaVA-style model over image-caption pairs.
+
+The per-sample gap is the quantity REGAP trains on, computed by the same op
+(``regap_fast.fused_gap_loss(..., reduction="none")``) on the embeddings the model gives
+(``vlm.pair_embeddings``): ``|| mean_i E_img[b, i] - mean_t E_txt[b, t] ||_2`` over the image tokens
+(projector outputs) and the caption tokens (LLM input embeddings) of pair b. Reported with it:
+
+* its distribution: mean, std, min, max, quantiles, histogram;
+* the dataset-level centroids: ``c_img`` = the mean over pairs of the per-pair image means,
+  ``c_txt`` likewise; their distance ``||c_img - c_txt||`` and cosine similarity;
+* the mean cosine similarity of the two per-pair means;
+* the same at every LM layer from the hidden states (layer 0 = the input embeddings, so its gap is
+  the input gap above; as transformers returns them, the last one is after the LM's final norm):
+  image-token positions against caption-token positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._cli import add_model_arguments, fail, load_vlm
+from .stats import summarize
+
+GAP_JSON, GAP_PNG, GAP_SAMPLES = "gap.json", "gap.png", "gap_samples.csv"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An image (a path or a PIL image) and its caption."""
+    id: str
+    image: object
+    caption: str
+
+
+def load_pairs(path, images=None, limit: int | None = None) -> list[Pair]:
+    """Image-caption pairs in the LLaVA pretraining format (read by the trainer's own parser).
+
+    ``path``: a JSON list (or JSONL) of ``{"id", "image", "conversations": [{"from": "human", ...},
+    {"from": "gpt", "value": caption}]}``; ``images``: the folder the ``image`` entries are relative
+    to (default: the JSON's folder). The caption is the first answer turn. Malformed records, records
+    without an image and records whose image file is missing are skipped with a warning.
+    """
+    from regap_fast.data.llava import ROLES, load_records
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file not found: {path}")
+    root = Path(images) if images is not None else path.parent
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    records, _ = load_records(path)  # malformed records are dropped and logged there
+    pairs, text_only, missing = [], 0, []
+    for rec in records:
+        if rec["image"] is None:
+            text_only += 1
+            continue
+        image = root / rec["image"]
+        if not image.is_file():
+            missing.append(str(image))
+            continue
+        caption = next(t["value"] for t in rec["conversations"] if ROLES[t["from"]] == "assistant")
+        pairs.append(Pair(rec["id"], image, caption.strip()))
+        if limit is not None and len(pairs) >= limit:
+            break
+    if text_only:
+        warnings.warn(f"{text_only} records without an image skipped", stacklevel=2)
+    if missing:
+        warnings.warn(f"{len(missing)} records skipped: image not found (first: {missing[0]})", stacklevel=2)
+    if not pairs:
+        raise ValueError(f"{path}: no usable image-caption pairs (images looked up under {root})")
+    return pairs
+
+
+def _open(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as im:
+        return im.convert("RGB")
+
+
+class _Centroids:
+    """Running sums of the per-pair means of one layer, for the dataset-level centroids."""
+
+    def __init__(self):
+        self.image = self.text = None
+        self.gaps, self.cosines = [], []
+
+    def add(self, mu_image, mu_text, gaps, valid):
+        import torch
+
+        mu_image, mu_text = mu_image.double().cpu()[valid], mu_text.double().cpu()[valid]
+        if self.image is None:
+            self.image, self.text = mu_image.sum(0), mu_text.sum(0)
+        else:
+            self.image += mu_image.sum(0)
+            self.text += mu_text.sum(0)
+        self.gaps += gaps[valid].double().cpu().tolist()
+        self.cosines += torch.nn.functional.cosine_similarity(mu_image, mu_text, dim=-1).tolist()
+
+    def result(self) -> dict:
+        import torch
+
+        n = len(self.gaps)
+        if n == 0:
+            return {"n": 0}
+        c_image, c_text = self.image / n, self.text / n
+        return {"centroid_distance": float(torch.linalg.vector_norm(c_image - c_text)),
+                "centroid_cosine": float(torch.nn.functional.cosine_similarity(c_image, c_text, dim=0)),
+                "pair_cosine_mean": sum(self.cosines) / n}
+
+
+def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool = True, progress: bool = True,
+                bins: int = 30) -> dict:
+    """The modality gap of ``vlm`` over ``pairs`` (``Pair`` or ``(image, caption)``; image: path or PIL).
+
+    Returns ``{"n_pairs", "n_skipped", "gap": {mean, std, min, max, quantiles, histogram},
+    "centroid_distance", "centroid_cosine", "pair_cosine_mean", "per_layer": [{"layer", "gap_mean",
+    "gap_std", "centroid_distance", "centroid_cosine", "pair_cosine_mean"}, ...] (None without
+    per_layer), "samples": [{"id", "gap"}, ...]}``. A pair whose image cannot be read, or with no
+    image or caption token, is skipped and counted in ``n_skipped``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from regap_fast import fused_gap_loss, masked_mean
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = [p if isinstance(p, Pair) else Pair(str(i), p[0], p[1]) for i, p in enumerate(pairs)]
+    if not pairs:
+        raise ValueError("no pairs to measure")
+    inputs, layers, samples, skipped = _Centroids(), None, [], 0
+    bar = tqdm(total=len(pairs), desc="gap", unit="pair", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(pairs), batch_size):
+        batch, images = [], []
+        for p in pairs[start:start + batch_size]:
+            try:
+                images.append(_open(p.image))
+                batch.append(p)
+            except OSError as e:
+                warnings.warn(f"pair {p.id}: image unreadable, skipped ({e})", stacklevel=2)
+                skipped += 1
+        bar.update(len(pairs[start:start + batch_size]))
+        if not batch:
+            continue
+        with torch.inference_mode():
+            out = vlm.pair_embeddings(images, [p.caption for p in batch], output_hidden_states=per_layer)
+            image_embeds, text_embeds = out["image_embeds"], out["text_embeds"]
+            image_mask, text_mask = out["image_mask"], out["text_mask"]
+            gaps = fused_gap_loss(image_embeds, text_embeds, image_mask, text_mask, reduction="none")
+            valid = (image_mask.any(1) & text_mask.any(1)).cpu()
+            inputs.add(masked_mean(image_embeds, image_mask), masked_mean(text_embeds, text_mask), gaps.cpu(), valid)
+            if per_layer:
+                hidden = out["hidden_states"]
+                layers = layers or [_Centroids() for _ in hidden]
+                where_image, where_caption = out["image_positions"], out["caption_positions"]
+                for acc, h in zip(layers, hidden):  # the same op, on one tensor with two position masks
+                    g = fused_gap_loss(h, h, where_image, where_caption, reduction="none")
+                    acc.add(masked_mean(h, where_image), masked_mean(h, where_caption), g.cpu(), valid)
+        skipped += int((~valid).sum())
+        samples += [{"id": p.id, "gap": float(g)} for p, g, ok in zip(batch, gaps.cpu(), valid) if ok]
+    bar.close()
+    if not samples:
+        raise ValueError("no pair could be measured (no readable image with image and caption tokens)")
+    result = {"definition": "per pair: || mean image token - mean caption token ||_2 at the LLM input "
+                            "(regap_fast.fused_gap_loss, reduction='none')",
+              "n_pairs": len(samples), "n_skipped": skipped, "gap": summarize([s["gap"] for s in samples], bins=bins),
+              **inputs.result()}
+    result["per_layer"] = None if layers is None else [
+        {"layer": i, "gap_mean": float(torch.tensor(acc.gaps, dtype=torch.float64).mean()),
+         "gap_std": float(torch.tensor(acc.gaps, dtype=torch.float64).std(unbiased=False)), **acc.result()}
+        for i, acc in enumerate(layers)]
+    result["samples"] = samples
+    return result
+
+
+def write_gap(result: dict, out_dir) -> None:
+    """gap.json (everything but the per-pair values), gap_samples.csv (those), gap.png."""
+    from .plots import plot_gap
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != "samples"}
+    (out_dir / GAP_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    with open(out_dir / GAP_SAMPLES, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(("id", "gap"))
+        writer.writerows((s["id"], s["gap"]) for s in result["samples"])
+    plot_gap(result, out_dir / GAP_PNG)
+
+
+def format_gap(result: dict) -> str:
+    g = result["gap"]
+    q = g["quantiles"]
+    lines = [f"pairs: {result['n_pairs']} (skipped {result['n_skipped']})",
+             (f"per-sample gap: mean {g['mean']:.4f}  std {g['std']:.4f}  median {q['0.5']:.4f}  "
+              f"[5%, 95%] [{q['0.05']:.4f}, {q['0.95']:.4f}]"),
+             (f"centroids: distance {result['centroid_distance']:.4f}  cosine {result['centroid_cosine']:.4f}  "
+              f"(mean per-pair cosine {result['pair_cosine_mean']:.4f})")]
+    for row in result["per_layer"] or []:
+        lines.append(f"  layer {row['layer']:>2}: gap {row['gap_mean']:.4f} +- {row['gap_std']:.4f}  "
+                     f"centroid distance {row['centroid_distance']:.4f}  cosine {row['centroid_cosine']:.4f}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a regap-fast run/checkpoint folder or a transformers "
+                                                       "LlavaForConditionalGeneration folder")
+    parser.add_argument("--data", required=True, metavar="PAIRS",
+                        help="image-caption pairs in the LLaVA pretraining JSON format")
+    parser.add_argument("--images", metavar="DIR", help="the image folder (default: the JSON's folder)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (gap.json, gap.png, ...)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
+    parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer gaps (less memory)")
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        pairs = load_pairs(args.data, args.images, args.limit)
+    except (OSError, ValueError) as e:
+        return fail("gap", e)
+    vlm, _, _ = load_vlm(args)
+    result = measure_gap(vlm, pairs, batch_size=args.batch_size, per_layer=not args.no_per_layer)
+    result["model"] = str(Path(args.model).resolve())
+    result["data"] = str(Path(args.data).resolve())
+    write_gap(result, args.out)
+    print(format_gap(result))
+    print(f"wrote {Path(args.out) / GAP_JSON}, {GAP_PNG}, {GAP_SAMPLES}")
+    return 0
