@@ -111,21 +111,24 @@ def bench_gap_point(B, Ni, Nt, D, names, bandwidth, reps=40):
     ref = None
     for name, f in gap_contenders(names).items():
         compiled = name == "compile"
-        fns = [_gap_step(f, *s, compiled=compiled) for s in sets]
-        val = f(*sets[0]).float().item()
+        # fresh leaves (same storage) per contender: autograd ties a leaf's gradient accumulator to the
+        # stream it first ran on, and compile's CUDA graphs run on their own stream; a shared leaf
+        # then breaks the next contender's graph capture (seen on torch 2.11)
+        leaves = [(i.detach().requires_grad_(True), t.detach().requires_grad_(True), m) for i, t, m in sets]
+        fns = [_gap_step(f, *s, compiled=compiled) for s in leaves]
+        val = f(*leaves[0]).float().item()
         ref = val if ref is None else ref
         res = {"loss": val}
         res["eager"] = time_cuda(fns, reps=reps)
-        # our ops: also the device time alone, replayed from a CUDA graph. The references are timed
-        # as launched (compile(max-autotune) replays its own CUDA graphs; eager PyTorch is GPU-bound
-        # here, and capturing its autograd graph failed on torch 2.11: a legacy-stream dependency).
-        res["graph"] = time_cuda(fns, reps=reps, graph=True) if name in ("triton", "cuda") else res["eager"]
+        # the device time alone, replayed from a CUDA graph; compile(max-autotune) replays its own
+        # CUDA graphs, so it is timed as launched
+        res["graph"] = res["eager"] if compiled else time_cuda(fns, reps=reps, graph=True)
         res["hbm_fraction"] = floor_ms / res["graph"]["median_ms"]
         row["results"][name] = res
         log(f"  gap B={B} Ni={Ni} Nt={Nt} D={D} {name:8s} {res['graph']['median_ms'] * 1e3:8.1f} us "
             f"(floor {floor_ms * 1e3:.1f} us, {res['hbm_fraction']:.0%} of HBM)"
             + f", as launched {res['eager']['median_ms'] * 1e3:.1f} us")
-        del fns
+        del fns, leaves
     for name, r in row["results"].items():  # every contender computes the same loss
         assert math.isclose(r["loss"], ref, rel_tol=2e-2), (name, r["loss"], ref)
     del sets
