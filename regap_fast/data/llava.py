@@ -1,0 +1,407 @@
+"""LLaVA-format image-caption data: records, image preprocessing, token sequences, batches.
+
+A record (LLaVA-Pretrain ``blip_laion_cc_sbu_558k.json``, LLaVA-Instruct, ...)::
+
+    {"id": "...", "image": "00000/000000010.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\nDescribe the image."},
+                       {"from": "gpt", "value": "a caption"}]}
+
+The files are a JSON list, or JSON Lines (one record per line). Image paths are relative to an
+image folder.
+
+Bad data never stops a run: a malformed record is dropped when the file is read, and a record whose
+image turns out to be missing, unreadable or truncated is replaced, when it is drawn, by the next
+good record (a deterministic rule, so several processes and a resumed run still see the same
+batches); every skip is reported with the batch and counted by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of every token that is not part of an answer (what torch's cross entropy skips)
+IMAGE_PLACEHOLDER = "<image>"  # where the image goes in the LLaVA data format
+# Vicuna v1's system prompt and conversation format, as LLaVA-1.5 uses them:
+# "<system> USER: <image>\n... ASSISTANT: answer</s>"
+VICUNA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
+                        "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}" + VICUNA_SYSTEM_PROMPT + " {% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used (the message says why); the data pipeline skips it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------------------
+
+
+def check_record(rec) -> dict:
+    """A well-formed record, normalised (image placeholder present when there is an image), or BadRecord."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise BadRecord("'conversations' must be a non-empty list")
+    turns = []
+    for turn in convs:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise BadRecord(f"each turn needs 'from' in {sorted(ROLES)} and a string 'value', got {turn!r:.120}")
+        turns.append({"from": turn["from"], "value": turn["value"]})
+    if not any(ROLES[t["from"]] == "assistant" for t in turns):
+        raise BadRecord("no answer ('gpt') turn")
+    image = rec.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise BadRecord(f"'image' must be a relative path, got {image!r:.120}")
+    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if image is None and n_placeholders:
+        raise BadRecord(f"{IMAGE_PLACEHOLDER} in the text but no 'image'")
+    if n_placeholders > 1:
+        raise BadRecord(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders; one image per record is supported")
+    if image is not None and n_placeholders == 0:  # LLaVA puts the image before the first question
+        users = [t for t in turns if ROLES[t["from"]] == "user"]
+        if users:
+            users[0]["value"] = IMAGE_PLACEHOLDER + "\n" + users[0]["value"]
+        else:
+            turns.insert(0, {"from": "human", "value": IMAGE_PLACEHOLDER})
+    return {"id": str(rec.get("id", "")), "image": image, "conversations": turns}
+
+
+def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Read a LLaVA-format JSON list or JSON Lines file: (good records, one message per dropped record).
+
+    A file that is not JSON at all is an error (nothing could be trained on); a bad record or a bad
+    line of a JSON Lines file is dropped and reported.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    raw: list = []
+    problems: list[str] = []
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    problems.append(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the LLaVA format is a JSON list of records "
+                             "(or use a .jsonl file with one record per line)") from None
+        if not isinstance(raw, list):
+            raise ValueError(f"{path} must hold a JSON list of records, got a {type(raw).__name__}")
+    records = []
+    for i, rec in enumerate(raw):
+        try:
+            rec = check_record(rec)
+        except BadRecord as exc:
+            problems.append(f"{path} record {i}: {exc}")
+            continue
+        rec["id"] = rec["id"] or f"{path.name}#{i}"
+        records.append(rec)
+    for msg in problems[:20]:
+        log.warning("skipping malformed record: %s", msg)
+    if len(problems) > 20:
+        log.warning("... and %d more malformed records", len(problems) - 20)
+    if not records:
+        raise ValueError(f"{path} holds no usable record ({len(problems)} malformed)")
+    return records, problems
+
+
+# --------------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """CLIP preprocessing: shortest side to ``size`` (bicubic), centre crop, scale to [0, 1], normalise.
+
+    What ``CLIPImageProcessor`` does with a CLIP checkpoint's settings, written out so that it is the
+    same across transformers versions (whose image-processor classes and backends keep changing)
+    and needs no torchvision.
+    """
+
+    size: int
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        w, h = image.size
+        if min(w, h) != self.size:
+            scale = self.size / min(w, h)
+            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
+                                 Image.Resampling.BICUBIC)
+            w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (x - mean) / std
+
+
+def open_image(path: Path) -> Image.Image:
+    """The fully decoded image, or BadRecord (missing, unreadable, truncated)."""
+    if not path.is_file():
+        raise BadRecord(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not in a later step
+            return im.convert("RGB")
+    except Exception as exc:  # PIL raises many types for broken files; none may stop the run
+        raise BadRecord(f"unreadable image {path}: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# token sequences
+# --------------------------------------------------------------------------------------------------
+
+
+class Encoder:
+    """Turns a conversation into the model's token sequence, labels and masks.
+
+    ``fmt="plain"`` (LLaVA stage-1 pretraining): ``<bos> [image tokens] caption <eos>``; the
+    question is dropped, as LLaVA's ``plain`` template does. ``fmt="chat"`` (stage 2): the
+    tokenizer's chat template, every assistant turn an answer.
+
+    The image is ``num_image_tokens`` slots (filled with the pad id; the model writes the projector
+    outputs there). Labels are ``IGNORE_INDEX`` except on answer tokens (the end-of-turn token
+    included, so that the model learns to stop); the caption mask (REGAP's text side) covers the
+    answer's text tokens only: no special token, no image slot, no prompt.
+    """
+
+    def __init__(self, tokenizer, num_image_tokens: int, fmt: str = "plain", max_length: Optional[int] = None,
+                 image_wrap: tuple[str, str] = ("", "")):
+        if fmt not in ("plain", "chat"):
+            raise ValueError(f"unknown prompt format {fmt!r}; choose 'plain' (stage 1) or 'chat' (stage 2)")
+        if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the 'chat' format needs a tokenizer with a chat template")
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.fmt = fmt
+        self.max_length = max_length
+        self.image_wrap = image_wrap  # text around the image slots (MiniGPT-4: "<Img>", "</Img>")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    # -- text pieces ------------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _append(self, out: dict, text: str, answer: bool) -> None:
+        """Tokenise one segment; the placeholder becomes the image slots."""
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        for k, piece in enumerate(pieces):
+            if k:
+                before, after = self.image_wrap
+                self._append(out, before, False)
+                n = self.num_image_tokens
+                out["input_ids"] += [self.pad_id] * n
+                out["labels"] += [IGNORE_INDEX] * n
+                out["image_positions"] += [True] * n
+                out["caption_positions"] += [False] * n
+                self._append(out, after, False)
+            ids = self._ids(piece)
+            out["input_ids"] += ids
+            out["labels"] += ids if answer else [IGNORE_INDEX] * len(ids)
+            out["image_positions"] += [False] * len(ids)
+            out["caption_positions"] += [answer and i not in self.special_ids for i in ids]
+
+    def _segments(self, conversations: Sequence[dict], has_image: bool) -> list[tuple[str, bool]]:
+        eos = self.tokenizer.eos_token or ""
+        if self.fmt == "plain":
+            answer = next(t["value"] for t in conversations if ROLES[t["from"]] == "assistant")
+            return [(IMAGE_PLACEHOLDER if has_image else "", False), (answer + eos, True)]
+        msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
+        segments, done = [], ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(msgs[:i], add_generation_prompt=True)
+            full = self.render(msgs[:i + 1])
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise ValueError("the chat template does not render conversations as growing prefixes; "
+                                 "cannot tell the answers from the prompts")
+            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        return segments
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def encode_segments(self, segments: Sequence[tuple[str, bool]]) -> dict[str, list]:
+        out = {"input_ids": [], "labels": [], "image_positions": [], "caption_positions": []}
+        bos = self.tokenizer.bos_token
+        if bos and not (segments and segments[0][0].startswith(bos)):
+            out["input_ids"].append(self.tokenizer.bos_token_id)
+            out["labels"].append(IGNORE_INDEX)
+            out["image_positions"].append(False)
+            out["caption_positions"].append(False)
+        for text, answer in segments:
+            self._append(out, text, answer)
+        return out
+
+    def encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:
+        """input_ids, labels, image_positions, caption_positions (lists of one length); BadRecord
+        if the sequence cannot fit ``max_length``."""
+        out = self.encode_segments(self._segments(conversations, has_image))
+        if self.max_length and len(out["input_ids"]) > self.max_length:
+            if any(out["image_positions"][self.max_length:]):
+                raise BadRecord(f"the image tokens end beyond max_length={self.max_length}")
+            out = {k: v[:self.max_length] for k, v in out.items()}
+        if all(label == IGNORE_INDEX for label in out["labels"]):
+            raise BadRecord("no answer token left (empty answer, or cut by max_length)")
+        return out
+
+    def encode_prompt(self, text: str) -> dict[str, list]:
+        """A prompt for generation (the chat template already applied): no answer."""
+        return self.encode_segments([(text, False)])
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset, batches, sampling
+# --------------------------------------------------------------------------------------------------
+
+
+class LlavaDataset(Dataset):
+    """Records -> examples (token sequence + pixel values). A bad record is replaced by the next
+    good one (see the module docstring); ``example["skipped"]`` lists what was passed over."""
+
+    def __init__(self, records: list[dict], image_folder: str | Path | None, transform: ImageTransform,
+                 encoder: Encoder, max_consecutive_bad: int = 100):
+        self.records = records
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.transform = transform
+        self.encoder = encoder
+        self.max_consecutive_bad = max_consecutive_bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, rec: dict) -> dict:
+        pixel_values = None
+        if rec["image"] is not None:
+            if self.image_folder is None:
+                raise BadRecord("the record has an image but no image folder was given")
+            pixel_values = self.transform(open_image(self.image_folder / rec["image"]))
+        ex = self.encoder.encode(rec["conversations"], has_image=pixel_values is not None)
+        ex["pixel_values"] = pixel_values
+        ex["id"] = rec["id"]
+        return ex
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = []
+        for k in range(min(self.max_consecutive_bad, len(self.records))):
+            rec = self.records[(index + k) % len(self.records)]
+            try:
+                ex = self.load(rec)
+            except BadRecord as exc:
+                skipped.append(f"{rec['id']}: {exc}")
+                continue
+            ex["skipped"] = skipped
+            return ex
+        raise RuntimeError(f"{len(skipped)} bad records in a row from index {index} (is the image folder right?); "
+                           "last: " + skipped[-1])
+
+
+class Collator:
+    """Pads examples into a batch (right padding for training, left for generation)."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+
+    def __call__(self, examples: list[dict]) -> dict:
+        S = max(len(e["input_ids"]) for e in examples)
+        fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "image_positions": False,
+                 "caption_positions": False, "attention_mask": 0}
+        rows = {k: [] for k in fills}
+        for e in examples:
+            n = len(e["input_ids"])
+            e = dict(e, attention_mask=[1] * n)
+            for k, fill in fills.items():
+                pad = [fill] * (S - n)
+                rows[k].append(e[k] + pad if self.padding_side == "right" else pad + e[k])
+        batch = {k: torch.tensor(v, dtype=torch.bool if isinstance(fills[k], bool) else torch.long)
+                 for k, v in rows.items()}
+        pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None]
+        batch["pixel_values"] = torch.stack(pixels) if pixels else None
+        batch["ids"] = [e.get("id") for e in examples]
+        batch["skipped"] = [s for e in examples for s in e.get("skipped", ())]
+        return batch
+
+
+class StepSampler(Sampler):
+    """Micro-batches of indices for optimizer steps ``[start_step, total_steps)``.
+
+    Step ``s`` takes positions ``[s*G, (s+1)*G)`` of an endless stream of seeded epoch permutations
+    (``G`` = global batch); rank ``r`` of ``W`` takes the ``r``-th contiguous ``G/W`` of them, cut into
+    micro-batches. So the samples of a step, and how they are grouped into micro-batches, depend only
+    on the seed and the step: not on the number of processes, nor on where a run was resumed.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, micro_batch: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start_step: int = 0, total_steps: int):
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global batch {global_batch} must be a multiple of micro batch x processes "
+                             f"= {micro_batch} x {world_size}")
+        self.n, self.G, self.mb = num_samples, global_batch, micro_batch
+        self.rank, self.world = rank, world_size
+        self.seed, self.start, self.total = seed, start_step, total_steps
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _epoch_perm(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def step_indices(self, step: int) -> list[int]:
+        """The global batch of ``step`` (all ranks)."""
+        out = []
+        for p in range(step * self.G, (step + 1) * self.G):
+            out.append(int(self._epoch_perm(p // self.n)[p % self.n]))
+        return out
+
+    def __iter__(self):
+        per_rank = self.G // self.world
+        for step in range(self.start, self.total):
+            mine = self.step_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for m in range(0, per_rank, self.mb):
+                yield mine[m:m + self.mb]
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * (self.G // (self.mb * self.world))

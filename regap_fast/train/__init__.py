@@ -1,0 +1,12 @@
+"""A minimal LLaVA-style training loop with REGAP (stage 1 and 2), in the spirit of nanoGPT.
+
+    from regap_fast.train import TrainConfig, train
+    summary = train(TrainConfig(out="runs/x", max_steps=100))
+
+or ``regap-fast train --help``; ``regap-fast demo`` runs the embedded default with and without REGAP.
+"""
+
+from .config import TrainConfig
+from .loop import train
+
+__all__ = ["TrainConfig", "train"]
