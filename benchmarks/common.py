@@ -138,13 +138,10 @@ def measure_ceilings() -> dict:
     dst = torch.empty_like(src)
     t = time_cuda([lambda: dst.copy_(src)], warmup=5, reps=30)
     bw = 2 * n * 4 / (t["median_ms"] * 1e-3)  # bytes read + bytes written
-    del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(m, m, device="cuda", dtype=torch.bfloat16)
     t2 = time_cuda([lambda: torch.mm(a, b, out=c)], warmup=5, reps=30)
     rate = 2 * m**3 / (t2["median_ms"] * 1e-3)
-    del a, b, c
-    torch.cuda.empty_cache()
     return {"hbm_bytes_per_s": bw, "copy": t, "bf16_matmul_flop_per_s": rate, "matmul": t2}

@@ -8,7 +8,6 @@ by side (CUDA-graph medians) against the measured copy bandwidth at LLaVA-1.5-7B
 Writes $OUT/check.json.
 """
 import json
-import math
 import os
 import sys
 import time

@@ -252,8 +252,6 @@ def section_projector(args, ceil):
     except Exception as exc:  # report, do not lose the rest
         res["results"]["unfused_compiled"] = {"error": repr(exc)}
         log(f"  projector unfused_compiled failed: {exc!r}")
-    del sets, calls
-    free()
     return res
 
 
