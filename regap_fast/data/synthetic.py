@@ -131,6 +131,11 @@ def tokenizer_corpus(seed: int = 0, n: int = 4000) -> list[str]:
 @functools.lru_cache(maxsize=4)
 def _trained_bpe(vocab_size: int, seed: int) -> str:
     """The trained tokenizer as JSON (cached: every caller gets its own object built from it)."""
+    return _train_bpe(tokenizer_corpus(seed), vocab_size)
+
+
+def _train_bpe(texts, vocab_size: int) -> str:
+    """A byte-level BPE trained on ``texts``, as JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -138,8 +143,19 @@ def _trained_bpe(vocab_size: int, seed: int) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
+
+
+def _wrap_tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                 model_max_length=2048)
+    hf.chat_template = VICUNA_CHAT_TEMPLATE
+    return hf
 
 
 def default_tokenizer(vocab_size: int = 512, seed: int = 0):
@@ -148,11 +164,11 @@ def default_tokenizer(vocab_size: int = 512, seed: int = 0):
     Byte-level: any text (a safety prompt, an unknown word) still encodes, so the tools that feed the
     tiny model arbitrary requests work. Returns a transformers ``PreTrainedTokenizerFast``.
     """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
+    return _wrap_tokenizer(_trained_bpe(vocab_size, seed))
 
-    tok = Tokenizer.from_str(_trained_bpe(vocab_size, seed))
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                 model_max_length=2048)
-    hf.chat_template = VICUNA_CHAT_TEMPLATE
-    return hf
+
+def train_tokenizer(texts, vocab_size: int = 512):
+    """The same kind of tokenizer as ``default_tokenizer`` (byte-level BPE, the same special tokens, the
+    Vicuna chat template), trained offline on ``texts``: for a language of your own (``regap-fast
+    reproduce`` trains one on its toy language). Deterministic for the same texts."""
+    return _wrap_tokenizer(_train_bpe(list(texts), vocab_size))
