@@ -74,6 +74,7 @@ def _gap_setup_context(ctx, inputs, output):
     image_embeds, text_embeds, image_mask, text_mask, reduction, squared, backend = inputs
     _, direction, stats = output
     ctx.mark_non_differentiable(direction, stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for direction and stats (two launches)
     ctx.save_for_backward(direction, stats, image_mask, text_mask)
     ctx.num_tokens = (image_embeds.shape[1], text_embeds.shape[1])
     ctx.dtype = image_embeds.dtype
@@ -83,7 +84,7 @@ def _gap_setup_context(ctx, inputs, output):
 def _gap_backward(ctx, grad_loss, _grad_direction, _grad_stats):
     direction, stats, image_mask, text_mask = ctx.saved_tensors
     need_image, need_text = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_image or need_text):
+    if grad_loss is None or not (need_image or need_text):
         return None, None, None, None, None, None, None
     n_i, n_t = ctx.num_tokens
     gi, gt = torch.ops.regap_fast.gap_loss_backward(
@@ -171,6 +172,7 @@ def _mean_setup_context(ctx, inputs, output):
     x, mask, backend = inputs
     _, inv_count = output
     ctx.mark_non_differentiable(inv_count)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(inv_count, mask)
     ctx.num_tokens = x.shape[1]
     ctx.dtype = x.dtype
@@ -179,7 +181,7 @@ def _mean_setup_context(ctx, inputs, output):
 
 def _mean_backward(ctx, grad, _grad_inv):
     inv_count, mask = ctx.saved_tensors
-    if not ctx.needs_input_grad[0]:
+    if grad is None or not ctx.needs_input_grad[0]:
         return None, None, None
     gx = torch.ops.regap_fast.masked_mean_backward(grad, inv_count, mask, ctx.num_tokens, ctx.dtype,
                                                    ctx.backend)
@@ -229,13 +231,14 @@ def _text_setup_context(ctx, inputs, output):
     input_ids, weight, mask, backend = inputs
     _, inv_count = output
     ctx.mark_non_differentiable(inv_count)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input_ids, inv_count, mask)
     ctx.weight_meta = (weight.shape[0], weight.dtype)
 
 
 def _text_backward(ctx, grad, _grad_inv):
     input_ids, inv_count, mask = ctx.saved_tensors
-    if not ctx.needs_input_grad[1]:
+    if grad is None or not ctx.needs_input_grad[1]:
         return None, None, None, None
     num_rows, dtype = ctx.weight_meta
     # each valid token's row receives grad[b] / n_b; [B*Nt, D] rows, then the embedding backward
