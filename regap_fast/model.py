@@ -5,14 +5,17 @@
     the image tokens are written into their slots of the LM's input embeddings (the LLaVA splice)
     -> causal LM; the loss on answer (caption) tokens only; REGAP on the projector outputs
 
-The vision side and the projector come from a small per-architecture class (``ARCHS``), so a
-second architecture (MiniGPT-4: BLIP-2 ViT + Q-Former + ``FusedLinearProjector``, prompt
-``<Img><ImageHere></Img>``) is one more entry, not a rewrite.
+The vision side and the projector come from a small per-architecture class (``ARCHS``):
+
+    llava     CLIP ViT (features of one layer, CLS dropped) -> FusedLlavaProjector (Linear-GELU-Linear)
+    minigpt4  BLIP-2 ViT -> Q-Former (learned query tokens) -> FusedLinearProjector (MiniGPT-4's
+              ``llama_proj``), the image tokens wrapped ``<Img>`` ... ``</Img>`` in the prompt
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from .data.llava import (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_PLACEHOLDER, VICUNA_CHAT_TEMPLATE, Collator,
                          Encoder, ImageTransform)
-from .projector import FusedLlavaProjector, projector_gap_loss
+from .projector import FusedLinearProjector, FusedLlavaProjector, projector_gap_loss, projector_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ TINY_CLIP = dict(model_type="clip_vision_model", hidden_size=64, intermediate_si
 TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                   tie_word_embeddings=False)
+# MiniGPT-4's vision side in miniature: a BLIP-2 ViT (4 blocks) and a Q-Former (2 layers, cross-attention in
+# each; the real one: 12 layers, hidden 768, cross-attention every 2nd) with MiniGPT-4's 32 query tokens
+TINY_BLIP2 = dict(model_type="blip-2", num_query_tokens=32,
+                  vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                     image_size=64, patch_size=16),
+                  qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, cross_attention_frequency=1, encoder_hidden_size=64))
 
 
 @dataclass
@@ -57,6 +67,8 @@ class ModelConfig:
     image_std: tuple = CLIP_STD
     attn_implementation: str = "auto"  # auto: flash_attention_2 if flash-attn imports (CUDA), else sdpa
     projector_backend: str = "auto"  # REGAP kernels: auto, torch, triton, cuda
+    image_wrap: Optional[tuple] = None  # text before and after the image tokens; None: the arch's (minigpt4:
+    #                                     "<Img>", "</Img>"; MiniGPT-4's own stage-1 script used none: ("", ""))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,7 +79,8 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             log.warning("ignoring unknown model config keys %s (written by a newer regap_fast?)", unknown)
-        d = {k: (tuple(v) if k in ("image_mean", "image_std") else v) for k, v in d.items() if k in known}
+        d = {k: (tuple(v) if k in ("image_mean", "image_std", "image_wrap") and v is not None else v)
+             for k, v in d.items() if k in known}
         return cls(**d)
 
 
@@ -85,6 +98,14 @@ def _plain(d: dict) -> dict:
     """As it will read back from config.json (e.g. integer keys become strings), so a loaded config
     compares equal to the saved one."""
     return json.loads(json.dumps(d, default=str))
+
+
+def _tower_config(tower: nn.Module) -> dict:
+    """The vision side's transformers config as a plain dict (a BLIP-2 config without its unused LM part)."""
+    d = _plain(tower.config.to_dict())
+    if d.get("model_type") == "blip-2":
+        d.pop("text_config", None)
+    return d
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
@@ -125,6 +146,7 @@ class LlavaArch:
     name = "llava"
     tiny_vision_config = TINY_CLIP
     image_wrap = ("", "")  # text around the image tokens in the prompt
+    image_resize = "crop"  # CLIP's preprocessing: shortest side to the size, centre crop
 
     def build_vision(self, config: ModelConfig, attn: str) -> nn.Module:
         from transformers import CLIPVisionModel
@@ -154,8 +176,109 @@ class LlavaArch:
         feats = out.hidden_states[config.vision_feature_layer]
         return feats[:, 1:] if config.vision_feature_select == "default" else feats
 
+    def vision_blocks(self, vision_tower: nn.Module, config: ModelConfig) -> tuple[list, int]:
+        """(the tower's transformer blocks in order, how many of them the features go through): with
+        LLaVA's penultimate-layer features the last block's output is never used."""
+        body = getattr(vision_tower, "vision_model", vision_tower)  # CLIPVisionModel: flat in transformers 5
+        layers = list(body.encoder.layers)
+        return layers, config.vision_feature_layer % (len(layers) + 1)
 
-ARCHS = {"llava": LlavaArch()}
+
+@functools.cache
+def qformer_tower_class():
+    """``Blip2VisionQFormer``: BLIP-2's vision side as one transformers model (made on first use, so
+    that importing this module does not import transformers' BLIP-2).
+
+    ``vision_model`` (``Blip2VisionModel``: the ViT, its last LayerNorm = MiniGPT-4's ``ln_vision``),
+    ``query_tokens`` ``[1, Q, Hq]`` and ``qformer`` (``Blip2QFormerModel``): the names of
+    ``Blip2ForConditionalGeneration`` / ``Blip2Model``, so ``from_pretrained`` on a transformers BLIP-2
+    folder reads exactly those tensors and leaves its language model (OPT, Flan-T5) on the disk.
+    ``forward(pixel_values)`` gives the Q-Former's outputs ``[B, Q, Hq]``: the projector's input.
+    """
+    from transformers import Blip2Config
+    from transformers import initialization as init
+    from transformers.models.blip_2.modeling_blip_2 import (Blip2PreTrainedModel, Blip2QFormerModel,
+                                                            Blip2VisionModel)
+
+    class Blip2VisionQFormer(Blip2PreTrainedModel):
+        config_class = Blip2Config
+        main_input_name = "pixel_values"
+        _keys_to_ignore_on_load_unexpected = [r"^language_model\.", r"^language_projection\."]
+
+        def __init__(self, config: Blip2Config):
+            super().__init__(config)
+            self.vision_model = Blip2VisionModel._from_config(config.vision_config)
+            self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+            self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+            self.post_init()
+
+        @torch.no_grad()
+        def _init_weights(self, module):
+            super()._init_weights(module)
+            if module is self:  # BLIP-2/MiniGPT-4 draw the query tokens from N(0, 0.02); zeros would make them equal
+                init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+
+        def set_attn_implementation(self, attn_implementation: str, **kwargs):
+            self.vision_model.set_attn_implementation(attn_implementation, **kwargs)
+            # transformers' Q-Former has no FlashAttention-2 path
+            q_impl = "sdpa" if attn_implementation == "flash_attention_2" else attn_implementation
+            self.qformer.set_attn_implementation(q_impl, **kwargs)
+
+        def forward(self, pixel_values: Tensor) -> Tensor:
+            image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
+            query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+            return self.qformer(query_embeds=query, encoder_hidden_states=image_embeds).last_hidden_state
+
+    return Blip2VisionQFormer
+
+
+class MiniGPT4Arch:
+    """MiniGPT-4: a BLIP-2 ViT and Q-Former (32 learned query tokens) feed one linear layer (``llama_proj``).
+
+    ``vision_config`` is a transformers ``Blip2Config`` dict (``vision_config``, ``qformer_config``,
+    ``num_query_tokens``; its ``text_config`` is not used: the LM is the VisionLanguageModel's).
+    """
+
+    name = "minigpt4"
+    tiny_vision_config = TINY_BLIP2
+    image_wrap = ("<Img>", "</Img>")  # MiniGPT-4's prompts: "<Img><ImageHere></Img> ..."
+    image_resize = "square"  # BLIP-2's preprocessing: resize to size x size (no crop), CLIP's mean and std
+
+    def build_vision(self, config: ModelConfig, attn: str) -> nn.Module:
+        tower = qformer_tower_class()(_hf_config(config.vision_config))
+        tower.set_attn_implementation(attn)
+        return tower
+
+    def load_vision(self, path: str, attn: str, dtype: torch.dtype) -> nn.Module:
+        """From a transformers BLIP-2 folder (``Blip2ForConditionalGeneration``, ``Blip2Model``, or one
+        saved by this class): its ViT, query tokens and Q-Former only."""
+        meta = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+        if meta.get("model_type") != "blip-2":
+            raise ValueError(f"{path}: the minigpt4 vision side loads from a transformers BLIP-2 folder "
+                             f"(config.json model_type 'blip-2'), got model_type={meta.get('model_type')!r}")
+        tower = qformer_tower_class().from_pretrained(path, dtype=dtype)
+        tower.set_attn_implementation(attn)
+        return tower
+
+    def build_projector(self, config: ModelConfig, vision_tower: nn.Module, text_dim: int) -> nn.Module:
+        return FusedLinearProjector(vision_tower.config.qformer_config.hidden_size, text_dim,
+                                    bias=config.projector_bias, backend=config.projector_backend)
+
+    def image_size(self, config: ModelConfig) -> int:
+        return int(config.vision_config["vision_config"]["image_size"])
+
+    def num_image_tokens(self, config: ModelConfig) -> int:
+        return int(config.vision_config["num_query_tokens"])
+
+    def encode(self, vision_tower: nn.Module, pixel_values: Tensor, config: ModelConfig) -> Tensor:
+        return vision_tower(pixel_values)
+
+    def vision_blocks(self, vision_tower: nn.Module, config: ModelConfig) -> tuple[list, int]:
+        layers = list(vision_tower.vision_model.encoder.layers)
+        return layers, len(layers)  # the ViT's last hidden state feeds the Q-Former: every block counts
+
+
+ARCHS = {"llava": LlavaArch(), "minigpt4": MiniGPT4Arch()}
 
 
 def _arch(name: str):
@@ -181,7 +304,8 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.language_model = language_model
         self.tokenizer = prepare_tokenizer(tokenizer)
-        self.image_transform = ImageTransform(self.image_size, tuple(config.image_mean), tuple(config.image_std))
+        self.image_transform = ImageTransform(self.image_size, tuple(config.image_mean), tuple(config.image_std),
+                                              resize=self.arch.image_resize)
         vocab = self.language_model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the LM's embedding only {vocab}")
@@ -210,16 +334,21 @@ class VisionLanguageModel(nn.Module):
 
         tower = arch.build_vision(config, attn)
         lm = AutoModelForCausalLM.from_config(_hf_config(text), attn_implementation=attn)
-        config.vision_config, config.text_config = _plain(tower.config.to_dict()), _plain(lm.config.to_dict())
+        config.vision_config, config.text_config = _tower_config(tower), _plain(lm.config.to_dict())
         projector = arch.build_projector(config, tower, lm.config.hidden_size)
         return cls(config, tower, projector, lm, tokenizer).to(device=device, dtype=dtype).eval()
 
     @classmethod
     def from_pretrained_parts(cls, vision_path: str, lm_path: str, *, config: Optional[ModelConfig] = None,
                               tokenizer_path: Optional[str] = None, device=None,
-                              dtype: Optional[torch.dtype] = None) -> "VisionLanguageModel":
-        """A pretrained vision tower (e.g. openai/clip-vit-large-patch14-336) and LM (e.g. Vicuna-7B)
-        from local folders, and a new projector (random init, as in LLaVA stage 1)."""
+                              dtype: Optional[torch.dtype] = None,
+                              projector_weights: Optional[str] = None) -> "VisionLanguageModel":
+        """A pretrained vision side and LM (e.g. Vicuna-7B) from local folders, and a new projector
+        (random init, as in stage 1; or ``projector_weights``, see ``load_projector_weights``).
+
+        The vision side, by ``config.arch``: ``llava``, a CLIP folder (openai/clip-vit-large-patch14-336);
+        ``minigpt4``, a transformers BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl), of which only
+        the ViT, the query tokens and the Q-Former are read."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         for p in (vision_path, lm_path):
@@ -236,9 +365,12 @@ class VisionLanguageModel(nn.Module):
         tower = arch.load_vision(str(vision_path), attn, load_dtype)
         lm = AutoModelForCausalLM.from_pretrained(str(lm_path), attn_implementation=attn, dtype=load_dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or lm_path))
-        config.vision_config, config.text_config = _plain(tower.config.to_dict()), _plain(lm.config.to_dict())
+        config.vision_config, config.text_config = _tower_config(tower), _plain(lm.config.to_dict())
         projector = arch.build_projector(config, tower, lm.config.hidden_size).to(load_dtype)
-        return cls(config, tower, projector, lm, tokenizer).to(device=device).eval()
+        vlm = cls(config, tower, projector, lm, tokenizer)
+        if projector_weights is not None:
+            vlm.load_projector_weights(projector_weights)
+        return vlm.to(device=device).eval()
 
     def save_pretrained(self, save_dir: str | Path, components: Sequence[str] = COMPONENTS, *,
                         state_dict: Optional[dict] = None) -> Path:
@@ -288,6 +420,17 @@ class VisionLanguageModel(nn.Module):
             self.language_model = self.language_model.merge_and_unload()
         return self
 
+    def train(self, mode: bool = True) -> "VisionLanguageModel":
+        """Training mode, except for the frozen parts of the vision side (the whole tower, or e.g. a frozen
+        Q-Former whose dropout MiniGPT-4 keeps off): they stay in eval mode, as LLaVA and MiniGPT-4 keep them.
+        (The LM keeps the mode asked for: it is on the backward path, where gradient checkpointing needs it.)"""
+        super().train(mode)
+        if mode:
+            for m in (self.vision_tower, *self.vision_tower.children()):
+                if not any(p.requires_grad for p in m.parameters()):
+                    m.eval()
+        return self
+
     # -- properties -------------------------------------------------------------------------------
 
     @property
@@ -304,7 +447,48 @@ class VisionLanguageModel(nn.Module):
 
     def encoder(self, fmt: str = "plain", max_length: Optional[int] = None) -> Encoder:
         """Text -> token ids, labels and masks for this model (``plain``: stage 1; ``chat``: stage 2)."""
-        return Encoder(self.tokenizer, self.num_image_tokens, fmt, max_length, image_wrap=self.arch.image_wrap)
+        return Encoder(self.tokenizer, self.num_image_tokens, fmt, max_length, image_wrap=self.image_wrap)
+
+    @property
+    def image_wrap(self) -> tuple[str, str]:
+        """The text before and after the image tokens in every prompt (minigpt4: ``<Img>``, ``</Img>``)."""
+        return tuple(self.config.image_wrap) if self.config.image_wrap is not None else self.arch.image_wrap
+
+    def vision_blocks(self) -> tuple[list, int]:
+        """(the vision tower's transformer blocks in order, how many of the first ones the image features
+        go through): what a recipe that trains part of the tower chooses from."""
+        return self.arch.vision_blocks(self.vision_tower, self.config)
+
+    def load_projector_weights(self, path: str | Path) -> "VisionLanguageModel":
+        """Projector weights from another project's checkpoint: MiniGPT-4's stage-1 ``.pth`` (``{"model":
+        {"llama_proj.weight", "llama_proj.bias"}}``), LLaVA's ``mm_projector.bin``, a state dict with
+        BLIP-2's ``language_projection.*``; ``.pth``/``.bin``/``.pt`` (read with ``weights_only``) or
+        ``.safetensors``. The shapes must match this model's projector."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"projector weights not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # pickled objects other than tensors and containers
+                raise ValueError(f"{path} could not be read as a plain checkpoint (weights_only=True): {exc}; "
+                                 "save its projector tensors with torch.save or safetensors") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):  # LAVIS / MiniGPT-4 checkpoints
+            state = state["model"]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        weights = projector_state_dict(state)
+        try:
+            self.projector.load_state_dict(weights)  # copied into the projector's dtype
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: the projector weights do not fit this model's "
+                             f"{type(self.projector).__name__}: {exc}") from None
+        log.info("projector weights loaded from %s", path)
+        return self
 
     # -- images -----------------------------------------------------------------------------------
 
@@ -392,9 +576,11 @@ class VisionLanguageModel(nn.Module):
                                  reduction="sum")
         n_tok = (target != IGNORE_INDEX).sum()
         if pixel_values is None and torch.is_grad_enabled():
-            # a batch without images (text-only records of stage-2 data) still gives the projector a (zero)
-            # gradient: DDP and FSDP expect one for every trained parameter at every step
-            lm_sum = lm_sum + 0.0 * sum(p.sum() for p in self.projector.parameters() if p.requires_grad)
+            # a batch without images (text-only records of stage-2 data) still gives the projector (and any
+            # trained vision block) a (zero) gradient: DDP and FSDP expect one for every trained parameter
+            trained = [p for m in (self.projector, self.vision_tower) for p in m.parameters() if p.requires_grad]
+            if trained:
+                lm_sum = lm_sum + 0.0 * sum(p.sum() for p in trained)
         result.update(lm_loss_sum=lm_sum, num_tokens=n_tok, lm_loss=lm_sum / n_tok.clamp(min=1))
         result["loss"] = result["lm_loss"] + (regap_weight * result["gap"] if regap_weight > 0 else 0)
         return result

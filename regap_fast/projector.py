@@ -187,11 +187,86 @@ class FusedLinearProjector(nn.Linear):
         self.backend = backend
 
     def forward(self, x: Tensor, image_mask: Optional[Tensor] = None, return_pooled: bool = False):
+        """x ``[B, N, in]`` -> ``[B, N, out]`` (and the masked mean of the outputs ``[B, out]`` fp32)."""
         _check_projector_input(x, image_mask, self.in_features)
-        out = super().forward(x)
         if not return_pooled:
-            return out
-        return out, _pooled_linear(masked_mean(x, image_mask, backend=self.backend), self)
+            return super().forward(x)
+        dtype = _compute_dtype(x)
+        impl = backends.get(backends.resolve(self.backend, x.device, dtype))
+        w = self.weight.to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # cast above, where autograd sees it
+            return _FusedLinear.apply(x.to(dtype), w, b, image_mask, impl)
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``x W^T + b`` and its pooled output ``masked_mean(x) W^T + b`` (fp32), for any backend.
+
+    The pooled output's gradient costs ``[B, D]``-sized work: ``dW`` gains ``dpooled^T @ pooled_x``
+    inside the one ``dW`` GEMM (as its accumulate term), ``db`` gains ``sum_b dpooled``; ``dx`` gains
+    the per-sample vector ``dpooled W / n`` on the valid rows (only when x needs a gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, mask, impl):
+        B, n, k = x.shape
+        x2d = x.reshape(B * n, k)
+        out = torch.addmm(b, x2d, w.t()) if b is not None else torch.mm(x2d, w.t())
+        pooled_x, inv_n = impl.masked_mean_forward(x, mask)
+        pooled = F.linear(pooled_x, w.to(pooled_x.dtype), None if b is None else b.to(pooled_x.dtype))
+        ctx.save_for_backward(x, w, pooled_x, inv_n, mask)
+        ctx.impl = impl
+        return out.view(B, n, -1), pooled
+
+    @staticmethod
+    def backward(ctx, dout, dpooled):
+        x, w, pooled_x, inv_n, mask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        B, n, k = x.shape
+        dout2d = dout.reshape(B * n, -1)
+        dpooled = dpooled.to(pooled_x.dtype)
+        dx = dw = db = None
+        if need_w:
+            dw = torch.addmm((dpooled.t() @ pooled_x).to(w.dtype), dout2d.t(), x.reshape(B * n, k))
+        if need_b:
+            db = (dout2d.sum(0, dtype=pooled_x.dtype) + dpooled.sum(0)).to(w.dtype)
+        if need_x:
+            one = inv_n.new_ones(())
+            vec, _ = ctx.impl.broadcast_rows(dpooled @ w.to(pooled_x.dtype), one, one, inv_n, inv_n, n, 0, mask,
+                                             None, x.dtype, True, False, 1.0)
+            dx = (dout2d @ w).view(B, n, k) + vec  # vec: [B, N, k] with a mask, [B, 1, k] without
+        return dx, dw, db, None, None
+
+
+# where other projects keep their projector's weights inside a bigger state dict, tried in this order:
+# MiniGPT-4 (llama_proj), transformers' BLIP-2 (language_projection), LLaVA (model.mm_projector, also
+# LLaVA-1.0's single linear layer), transformers' LLaVA (multi_modal_projector), regap_fast (projector)
+PROJECTOR_KEY_PREFIXES = ("llama_proj.", "language_projection.", "mm_projector.", "multi_modal_projector.",
+                          "projector.")
+
+
+def projector_state_dict(state_dict: dict, prefixes: tuple = PROJECTOR_KEY_PREFIXES) -> dict:
+    """The projector's own weights out of another project's checkpoint, the prefix stripped.
+
+    ``{"llama_proj.weight", "llama_proj.bias", <anything else>}`` (MiniGPT-4's stage-1 checkpoint, its
+    ``"model"`` dict) gives ``{"weight", "bias"}``, which ``FusedLinearProjector.load_state_dict``
+    takes; likewise BLIP-2's ``language_projection.*`` and LLaVA's ``model.mm_projector.*`` (``0.*``,
+    ``2.*``: ``FusedLlavaProjector`` accepts those names). A prefix may sit under any parent module
+    (``model.``, ``module.``); the first of ``prefixes`` found wins. KeyError when none is there, or
+    when one prefix sits under two different parents (two projectors: ambiguous).
+    """
+    for prefix in prefixes:
+        found: dict[str, dict] = {}
+        for key, value in state_dict.items():
+            at = 0 if key.startswith(prefix) else key.find("." + prefix) + 1
+            if at > 0 or key.startswith(prefix):
+                found.setdefault(key[:at], {})[key[at + len(prefix):]] = value
+        if len(found) > 1:
+            raise KeyError(f"several projectors under {prefix!r}: {sorted(p + prefix for p in found)}")
+        if found:
+            return next(iter(found.values()))
+    raise KeyError(f"no projector weights found (looked for keys with {list(prefixes)}); keys: "
+                   f"{sorted(state_dict)[:8]}")
 
 
 def _any_valid(mask: Optional[Tensor], batch: int, n: int, device) -> Tensor:

@@ -142,7 +142,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """CLIP preprocessing: shortest side to ``size`` (bicubic), centre crop, scale to [0, 1], normalise.
+    """CLIP preprocessing: shortest side to ``size`` (bicubic), centre crop, scale to [0, 1], normalise
+    (``resize="square"``: BLIP-2's, the whole image to ``size`` x ``size``, then the same).
 
     What ``CLIPImageProcessor`` does with a CLIP checkpoint's settings, written out so that it is the
     same across transformers versions (whose image-processor classes and backends keep changing)
@@ -152,10 +153,17 @@ class ImageTransform:
     size: int
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
+    resize: str = "crop"  # "crop": CLIP's (above); "square": straight to size x size, as BLIP-2's processor
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         w, h = image.size
+        if self.resize == "square":
+            if (w, h) != (self.size, self.size):
+                image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
+                w, h = image.size
+        elif self.resize != "crop":
+            raise ValueError(f"unknown resize {self.resize!r}; choose 'crop' or 'square'")
         if min(w, h) != self.size:
             scale = self.size / min(w, h)
             image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),

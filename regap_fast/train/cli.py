@@ -1,8 +1,14 @@
-"""``regap-fast train``: LLaVA stage 1 or 2 with REGAP, on one process or under torchrun.
+"""``regap-fast train``: LLaVA-style or MiniGPT-4-style stage 1 or 2 with REGAP, on one process or under torchrun.
 
 Examples:
 
     regap-fast train --out runs/tiny --max-steps 200                   # tiny default, synthetic data
+    regap-fast train --arch minigpt4 --out runs/tiny-m4 --max-steps 200  # tiny BLIP-2 ViT + Q-Former + linear
+    torchrun --nproc_per_node 8 -m regap_fast train --recipe sharegpt4v \\
+        --vision-tower clip-vit-large-patch14-336 --language-model vicuna-7b-v1.5 \\
+        --data share-captioner_coco_lcs_sam_1246k_1107.json --image-folder data --out runs/sg4v --fsdp
+    torchrun --nproc_per_node 4 -m regap_fast train --recipe minigpt4 \\
+        --vision-tower blip2-flan-t5-xxl --language-model vicuna-7b --data pairs.json --out runs/m4
     torchrun --nproc_per_node 8 -m regap_fast train \\
         --vision-tower clip-vit-large-patch14-336 --language-model vicuna-7b-v1.5 \\
         --data blip_laion_cc_sbu_558k.json --image-folder images --out runs/stage1 --regap-weight 0.1

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Optional
+
+from .recipes import RECIPES, get_recipe
+
+VISION_CHOICES = "none, latter-half, all, or K (the blocks from K on; negative: from the end)"
 
 
 def arg(default, help: str, choices=None, group: str = "training", metavar: Optional[str] = None):
@@ -17,15 +22,24 @@ def arg(default, help: str, choices=None, group: str = "training", metavar: Opti
 @dataclass
 class TrainConfig:
     # -- model --------------------------------------------------------------------------------------
+    arch: str = arg("llava", "architecture of a new model: llava (CLIP ViT + 2-layer MLP projector) or minigpt4 "
+                    "(BLIP-2 ViT + Q-Former + one linear layer); a --model folder carries its own",
+                    ["llava", "minigpt4"], group="model")
     model: Optional[str] = arg(None, "start from this model folder: a regap-fast save (e.g. the stage-1 output, "
                                "for stage 2) or a transformers LlavaForConditionalGeneration folder", group="model",
                                metavar="DIR")
-    vision_tower: Optional[str] = arg(None, "CLIP vision folder (e.g. clip-vit-large-patch14-336); with "
-                                      "--language-model builds a new LLaVA (stage 1)", group="model", metavar="DIR")
+    vision_tower: Optional[str] = arg(None, "vision folder: CLIP for --arch llava (e.g. clip-vit-large-patch14-336), "
+                                      "a transformers BLIP-2 folder for --arch minigpt4 (its ViT and Q-Former; e.g. "
+                                      "blip2-flan-t5-xxl); with --language-model builds a new model (stage 1)",
+                                      group="model", metavar="DIR")
     language_model: Optional[str] = arg(None, "causal LM folder (e.g. vicuna-7b-v1.5); with --vision-tower",
                                         group="model", metavar="DIR")
-    vision_feature_layer: int = arg(-2, "vision tower layer whose features are projected (LLaVA-1.5: -2)",
-                                    group="model")
+    projector_weights: Optional[str] = arg(None, "start the projector from these weights: MiniGPT-4's stage-1 "
+                                           "checkpoint (llama_proj.*), LLaVA's mm_projector.bin, BLIP-2's "
+                                           "language_projection.* (.pth, .bin or .safetensors)", group="model",
+                                           metavar="FILE")
+    vision_feature_layer: int = arg(-2, "vision tower layer whose features are projected (LLaVA-1.5: -2; "
+                                    "--arch llava only)", group="model")
     attn_implementation: str = arg("auto", "attention kernels: auto = flash_attention_2 if the flash-attn "
                                    "package imports, else sdpa (PyTorch's flash kernel on CUDA in bf16)",
                                    ["auto", "flash_attention_2", "sdpa", "eager"], group="model")
@@ -46,7 +60,16 @@ class TrainConfig:
                              "(stage 2); auto: by stage", ["auto", "plain", "chat"], group="data")
     num_workers: int = arg(2, "DataLoader worker processes per training process", group="data")
     # -- optimisation -------------------------------------------------------------------------------
-    stage: int = arg(1, "1: train the projector (vision tower and LM frozen); 2: projector + LM", [1, 2])
+    recipe: Optional[str] = arg(None, "a named preset of what trains, lr, warm-up, weight decay, batch and length: "
+                                + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
+                                + ". A flag given explicitly beats the preset", list(RECIPES))
+    stage: int = arg(1, "1: train the projector (vision tower and LM frozen unless --train-vision/--train-lm), "
+                     "captions in the plain format; 2: projector + LM, conversations in the chat format", [1, 2])
+    train_vision: str = arg("none", f"vision tower blocks to train: {VISION_CHOICES}; blocks after the feature "
+                            "layer, the embeddings and the norms stay frozen (ShareGPT4V: latter-half)",
+                            metavar="BLOCKS")
+    train_lm: Optional[bool] = arg(None, "train the LM's weights (default: in stage 2 only; ShareGPT4V's stage 1 "
+                                   "does)")
     lora: bool = arg(False, "stage 2: train LoRA adapters of the LM (peft) instead of all its weights")
     lora_rank: int = arg(128, "LoRA rank (LLaVA-1.5: 128)")
     lora_alpha: int = arg(256, "LoRA alpha (LLaVA-1.5: 256)")
@@ -57,9 +80,11 @@ class TrainConfig:
     epochs: float = arg(1.0, "passes over the training data, when --max-steps is not given")
     global_batch_size: int = arg(256, "samples per optimizer step over all processes (LLaVA stage 1: 256)")
     micro_batch_size: int = arg(16, "samples per forward/backward on one process; the rest is accumulation")
-    lr: Optional[float] = arg(None, "peak learning rate (default: 1e-3 stage 1, 2e-5 stage 2, 2e-4 LoRA)")
+    lr: Optional[float] = arg(None, "peak learning rate (default: 1e-3 with the LM frozen, 2e-5 when it trains, "
+                              "2e-4 LoRA)")
     weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
-    warmup_ratio: float = arg(0.03, "linear warm-up as a fraction of the steps, then cosine decay to 0")
+    warmup_ratio: float = arg(0.03, "linear warm-up as a fraction of the steps, then cosine decay")
+    min_lr_ratio: float = arg(0.0, "the cosine decays to lr x this (0: to zero)")
     grad_clip: float = arg(1.0, "clip the global gradient norm (0: off)")
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", ["auto", "bf16", "fp32"])
     fsdp: bool = arg(False, "shard the model with FSDP (for LMs that do not fit one GPU) instead of DDP")
@@ -82,11 +107,34 @@ class TrainConfig:
     tensorboard: bool = arg(True, "also log to TensorBoard (OUT/tensorboard) when it is installed", group="output")
     plot: bool = arg(True, "plot loss and gap to OUT/metrics.png at the end", group="output")
     progress: bool = arg(True, "show a progress bar", group="output")
+    # fields the recipe must not change although they hold their default (filled by the command line and
+    # by from_recipe with what was given explicitly); not a flag
+    recipe_overrides: tuple = field(default=(), metadata={"cli": False})
+
+    def __post_init__(self):
+        """A recipe fills the fields that still hold their default and were not given explicitly."""
+        if self.recipe is None:
+            return
+        recipe = get_recipe(self.recipe)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in recipe.settings.items():
+            if name not in self.recipe_overrides and getattr(self, name) == defaults[name]:
+                setattr(self, name, value)
+
+    @classmethod
+    def from_recipe(cls, recipe: Optional[str], **fields) -> "TrainConfig":
+        """The recipe's settings, and ``fields`` over them (even where a field is given its default value)."""
+        given = set(fields.pop("recipe_overrides", ()))
+        overrides = tuple(sorted(given | set(fields)))
+        return cls(recipe=recipe, recipe_overrides=overrides, **fields)
+
+    def lm_trainable(self) -> bool:
+        return self.train_lm if self.train_lm is not None else self.stage == 2
 
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.stage == 1 else (2e-4 if self.lora else 2e-5)
+        return 1e-3 if not self.lm_trainable() else (2e-4 if self.lora else 2e-5)
 
     def check(self) -> "TrainConfig":
         """Clear errors for combinations that cannot work, before anything is loaded."""
@@ -94,10 +142,18 @@ class TrainConfig:
             raise ValueError("--vision-tower and --language-model go together (a new model from two parts)")
         if self.model is not None and self.vision_tower is not None:
             raise ValueError("give either --model or --vision-tower/--language-model, not both")
-        if self.lora and self.stage != 2:
-            raise ValueError("--lora is for stage 2 (stage 1 trains the projector only)")
+        if self.recipe is not None:
+            get_recipe(self.recipe)
+        if not re.fullmatch(r"none|latter-half|all|-?\d+", self.train_vision):
+            raise ValueError(f"--train-vision must be {VISION_CHOICES}; got {self.train_vision!r}")
+        if self.lora and not self.lm_trainable():
+            raise ValueError("--lora is for stage 2 or --train-lm (stage 1 trains the projector only)")
         if self.lora and self.fsdp:
             raise ValueError("--lora keeps the LM frozen in bf16 and trains small adapters: use DDP (no --fsdp)")
+        if self.model is not None and self.projector_weights is not None:
+            raise ValueError("--projector-weights starts a new model's projector: not with --model")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.regap_weight < 0:
             raise ValueError(f"--regap-weight must be >= 0, got {self.regap_weight}")
         for name in ("global_batch_size", "micro_batch_size"):
@@ -114,25 +170,52 @@ class TrainConfig:
 GROUPS = {"model": "model", "data": "data", "training": "training", "output": "output"}
 
 
+EXPLICIT = "_explicit_config_fields"  # where the parsed namespace keeps the flags given on the command line
+
+
+def _mark(namespace: argparse.Namespace, dest: str) -> None:
+    explicit = set(getattr(namespace, EXPLICIT, ()))
+    explicit.add(dest)
+    setattr(namespace, EXPLICIT, explicit)
+
+
+class _Store(argparse.Action):
+    """Store the value, and remember that the flag was given (so that it beats a recipe)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _mark(namespace, self.dest)
+
+
+class _StoreBool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _mark(namespace, self.dest)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
     """One flag per TrainConfig field (``--global-batch-size``, ``--lora/--no-lora``, ...)."""
     hints = typing.get_type_hints(TrainConfig)
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         flag = "--" + f.name.replace("_", "-")
         group = groups[f.metadata["group"]]
-        help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
+        help_text = (f.metadata["help"] + (f" (default: {default})" if default is not None else "")).replace("%", "%%")
         if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                               help=help_text)
+            group.add_argument(flag, dest=f.name, action=_StoreBool, default=default, help=help_text)
         else:
             metavar = None if f.metadata["choices"] else (f.metadata["metavar"] or base.__name__.upper())
-            group.add_argument(flag, dest=f.name, type=base, default=default, choices=f.metadata["choices"],
-                               help=help_text, metavar=metavar)
+            group.add_argument(flag, dest=f.name, action=_Store, type=base, default=default,
+                               choices=f.metadata["choices"], help=help_text, metavar=metavar)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}).check()
+    """The config of the parsed flags: with ``--recipe``, its settings where no flag was given."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+    values["recipe_overrides"] = tuple(sorted(getattr(args, EXPLICIT, ())))
+    return TrainConfig(**values).check()

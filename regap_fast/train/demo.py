@@ -1,7 +1,9 @@
 """``regap-fast demo``: REGAP on the embedded default, no weights and no network needed.
 
 1. Render the synthetic shapes set (LLaVA format) and train the tiny LM on its captions alone, the
-   stand-in for a pretrained LLM (a random LM could not be kept frozen in stage 1).
+   stand-in for a pretrained LLM (a random LM could not be kept frozen in stage 1). ``--arch`` picks the
+   model: ``llava`` (tiny CLIP + MLP projector) or ``minigpt4`` (tiny BLIP-2 ViT + Q-Former + linear layer,
+   the image tokens wrapped ``<Img>`` ... ``</Img>``).
 2. Stage 1 twice from that model and the same seed: lambda = 0, and lambda = --regap-weight.
 3. Print the table, write DIR/summary.json, DIR/demo.png and each run's metrics.
 
@@ -21,6 +23,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)")
+    parser.add_argument("--arch", default="llava", choices=["llava", "minigpt4"],
+                        help="llava: tiny CLIP + 2-layer MLP projector; minigpt4: tiny BLIP-2 ViT + Q-Former (32 "
+                             "query tokens) + one linear layer (default: llava)")
     parser.add_argument("--regap-weight", type=float, default=0.1, metavar="LAMBDA",
                         help="lambda of the REGAP run (default: 0.1)")
     parser.add_argument("--steps", type=int, default=300, help="stage-1 steps per run (default: 300)")
@@ -58,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     common = dict(data=str(data), seed=args.seed, num_workers=args.num_workers, progress=args.progress,
                   save_every=0, keep_checkpoints=1, eval_samples=128, plot=False)
 
-    print(f"[1/3] the 'pretrained' LM: {args.lm_steps} steps on the captions alone", flush=True)
+    print(f"[1/3] the 'pretrained' LM ({args.arch}): {args.lm_steps} steps on the captions alone", flush=True)
     lm = train(TrainConfig(**{**common, "data": str(caption_only_records(data))}, out=str(out / "base"), stage=2,
+                           arch=args.arch,
                       prompt_format="plain", max_steps=args.lm_steps, global_batch_size=64, micro_batch_size=64,
                       lr=3e-3, regap_weight=0.0, eval_every=0))
     runs = []
@@ -75,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
                      "attention": s["attention"], "metrics": str(out / f"regap_{weight:g}" / "metrics.jsonl")})
 
     plot_runs({f"lambda = {r['regap_weight']:g}": r["metrics"] for r in runs}, out / "demo.png",
-              title="stage 1 on the synthetic shapes: REGAP closes the gap, the caption loss stays")
+              title=f"{args.arch} stage 1 on the synthetic shapes: REGAP closes the gap, the caption loss stays")
     # the LM's caption loss with no image at all: what the image tokens are measured against
     reference = lm["final_lm_loss"]
-    (out / "summary.json").write_text(json.dumps({"runs": runs, "caption_only_lm_loss": reference}, indent=2))
+    (out / "summary.json").write_text(json.dumps({"runs": runs, "caption_only_lm_loss": reference, "arch": args.arch},
+                                                 indent=2))
 
-    print(f"\nheld-out measurements ({runs[0]['attention']}):")
+    print(f"\nheld-out measurements, {args.arch} ({runs[0]['attention']}):")
     print(f"{'lambda':>8} {'initial gap':>12} {'final gap':>10} {'caption loss':>13} {'steps/s':>8}")
     for r in runs:
         print(f"{r['regap_weight']:>8g} {r['initial_gap']:>12.3f} {r['final_gap']:>10.3f} "

@@ -80,7 +80,7 @@ def setup_distributed() -> Dist:
 
 
 def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: torch.dtype) -> VisionLanguageModel:
-    """From --model, from --vision-tower/--language-model, or the tiny default from configs.
+    """From --model, from --vision-tower/--language-model, or the tiny default from configs (``--arch``).
 
     Pretrained weights are read in ``dtype`` (bf16 when training in bf16: a 7B LM is then 14 GB of host
     memory per process, not 28); ``setup_stage`` makes the trained parts fp32. A config-built model is
@@ -89,34 +89,70 @@ def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: tor
     from ..model import ModelConfig
 
     torch.manual_seed(cfg.seed)  # the same init on every rank
-    mcfg = ModelConfig(vision_feature_layer=cfg.vision_feature_layer, attn_implementation=cfg.attn_implementation,
-                       projector_backend=cfg.projector_backend)
+    mcfg = ModelConfig(arch=cfg.arch, vision_feature_layer=cfg.vision_feature_layer,
+                       attn_implementation=cfg.attn_implementation, projector_backend=cfg.projector_backend)
     if cfg.model:
         vlm = load_model(cfg.model, device="cpu", dtype=dtype)
         vlm.config.projector_backend = vlm.projector.backend = cfg.projector_backend
+        if vlm.config.arch != cfg.arch and "arch" in cfg.recipe_overrides:
+            raise SystemExit(f"--arch {cfg.arch}, but --model {cfg.model} is a {vlm.config.arch} model")
+        if vlm.config.arch != cfg.arch and cfg.recipe:
+            log.warning("the %s recipe is made for --arch %s; --model %s is a %s model", cfg.recipe, cfg.arch,
+                        cfg.model, vlm.config.arch)
     elif cfg.vision_tower:
         vlm = VisionLanguageModel.from_pretrained_parts(cfg.vision_tower, cfg.language_model, config=mcfg,
-                                                        dtype=dtype)
+                                                        dtype=dtype, projector_weights=cfg.projector_weights)
     elif resuming and (out / "initial_model").is_dir():
         vlm = load_model(out / "initial_model", device="cpu", dtype=torch.float32)
     else:
         vlm = VisionLanguageModel.from_config(mcfg)
+        if cfg.projector_weights:
+            vlm.load_projector_weights(cfg.projector_weights)
         if d.main:
             vlm.save_pretrained(out / "initial_model")
     vlm.set_attn_implementation(cfg.attn_implementation)
     return vlm
 
 
+def vision_blocks_to_train(vlm: VisionLanguageModel, spec: str) -> list[int]:
+    """Indices of the vision tower's blocks that ``--train-vision`` trains. Blocks after the feature layer
+    (LLaVA's last block, with its penultimate-layer features) get no gradient: they stay frozen."""
+    blocks, used = vlm.vision_blocks()
+    n = len(blocks)
+    if spec == "none":
+        start = n
+    elif spec == "all":
+        start = 0
+    elif spec == "latter-half":
+        start = n // 2
+    else:
+        k = int(spec)
+        start = k if k >= 0 else n + k
+        if not 0 <= start <= n:
+            raise SystemExit(f"--train-vision {spec}: the vision tower has {n} blocks")
+    chosen = list(range(start, n))
+    unused = [i for i in chosen if i >= used]
+    if unused:
+        log.info("vision blocks %s come after the feature layer (%d of %d blocks feed the projector): no gradient "
+                 "reaches them, they stay frozen", _ranges(unused), used, n)
+    return [i for i in chosen if i < used]
+
+
 def setup_stage(vlm: VisionLanguageModel, cfg: TrainConfig, bf16: bool) -> None:
-    """Stage 1: projector only. Stage 2: projector + LM (all weights, or LoRA adapters).
-    Frozen modules are kept in bf16 when training in bf16 (LLaVA does the same); trained ones in fp32."""
+    """What trains: the projector always; the LM (all weights, or LoRA adapters) in stage 2 or with
+    --train-lm; the vision blocks of --train-vision. Frozen modules are kept in bf16 when training in
+    bf16 (LLaVA does the same); trained ones in fp32."""
     vlm.requires_grad_(False)
     vlm.projector.float().requires_grad_(True)
+    train_lm = cfg.lm_trainable()
+    blocks, _ = vlm.vision_blocks()
     if bf16 and not cfg.fsdp:  # FSDP keeps one dtype per shard group and casts for compute itself
         vlm.vision_tower.to(torch.bfloat16)
-        if cfg.stage == 1 or cfg.lora:
+        if not train_lm or cfg.lora:
             vlm.language_model.to(torch.bfloat16)
-    if cfg.stage == 2 and cfg.lora:
+    for i in vision_blocks_to_train(vlm, cfg.train_vision):
+        blocks[i].float().requires_grad_(True)
+    if train_lm and cfg.lora:
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError:
@@ -124,11 +160,54 @@ def setup_stage(vlm: VisionLanguageModel, cfg: TrainConfig, bf16: bool) -> None:
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         vlm.language_model = get_peft_model(vlm.language_model, lora)
-    elif cfg.stage == 2:
+    elif train_lm:
         vlm.language_model.float().requires_grad_(True)
     if cfg.gradient_checkpointing:
         vlm.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         vlm.language_model.config.use_cache = False
+
+
+def _ranges(indices) -> str:
+    """[1, 2, 3, 7] -> '1-3,7'"""
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(out)
+
+
+def describe_trainable(vlm: VisionLanguageModel) -> str:
+    """Which parameters train, per component: 'all' or the blocks (and LoRA adapters), with counts."""
+    import re
+
+    parts = []
+    for comp in ("vision_tower", "projector", "language_model"):
+        named = list(getattr(vlm, comp).named_parameters())
+        total = sum(p.numel() for _, p in named)
+        trained = [(n, p) for n, p in named if p.requires_grad]
+        k = sum(p.numel() for _, p in trained)
+        if not trained:
+            parts.append(f"{comp}: frozen ({total:,})")
+            continue
+        if k == total:
+            parts.append(f"{comp}: all {k:,}")
+            continue
+        blocks: dict[str, set] = {}
+        other = []
+        for n, _ in trained:
+            m = re.match(r"(.*?)\.(\d+)\.", n)
+            if m:
+                blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+            else:
+                other.append(n)
+        what = [f"{prefix}.[{_ranges(ix)}]" for prefix, ix in blocks.items()] + other[:4]
+        lora = " (LoRA adapters)" if any("lora_" in n for n, _ in trained) else ""
+        parts.append(f"{comp}: {k:,} of {total:,}{lora} in {', '.join(what)}")
+    return "; ".join(parts)
 
 
 def wrap(vlm: VisionLanguageModel, cfg: TrainConfig, d: Dist, bf16: bool) -> torch.nn.Module:
@@ -282,9 +361,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_lr(),
                                   betas=(0.9, 0.999), fused=d.device.type == "cuda" and not cfg.fsdp)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
+    scheduler = make_scheduler(optimizer, cfg, total)
 
     start, extra = 0, {"skipped": 0, "tokens": 0, "train_seconds": 0.0, "initial_eval": None}
     if ckpt is not None:
@@ -301,14 +378,18 @@ def train(cfg: TrainConfig) -> dict:
     eval_loader = DataLoader(eval_set, batch_size=mb, collate_fn=collate)
 
     n_trainable = sum(p.numel() for p in params)
+    trainable = describe_trainable(vlm)
     first_eval_batch = next(iter(eval_loader))
     sdpa_ctx, attention = attention_context(vlm, model_inputs(first_eval_batch, d.device), d, bf16)
     if d.main:
-        log.info("stage %d (%s format%s): %s trainable parameters; %d train / %d held-out records "
+        log.info("%s%s, stage %d (%s format%s): %s trainable parameters; %d train / %d held-out records "
                  "(%d malformed dropped); %d steps x %d samples (%d processes x %d micro-batches of %d); "
-                 "lr %.2g; lambda %g; %s; attention: %s", cfg.stage, fmt, ", LoRA" if cfg.lora else "",
+                 "lr %.2g (warm-up %g, weight decay %g); lambda %g; %s; attention: %s", vlm.config.arch,
+                 f", recipe {cfg.recipe}" if cfg.recipe else "", cfg.stage, fmt, ", LoRA" if cfg.lora else "",
                  f"{n_trainable:,}", len(train_set), len(eval_set), malformed, total, G, d.world, accum, mb,
-                 cfg.peak_lr(), cfg.regap_weight, "bf16 autocast" if bf16 else "fp32", attention)
+                 cfg.peak_lr(), cfg.warmup_ratio, cfg.weight_decay, cfg.regap_weight,
+                 "bf16 autocast" if bf16 else "fp32", attention)
+        log.info("trainable parameters: %s", trainable)
     metrics = MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard)
     if extra["initial_eval"] is None:
         extra["initial_eval"] = evaluate(vlm, eval_loader, d, amp)
@@ -382,6 +463,8 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps": step, "train_seconds": extra["train_seconds"],
                "steps_per_second": step / extra["train_seconds"] if extra["train_seconds"] else None,
                "regap_weight": cfg.regap_weight, "attention": attention, "skipped_records": extra["skipped"],
+               "arch": vlm.config.arch, "recipe": cfg.recipe, "trainable_parameters": n_trainable,
+               "trainable": trainable,
                "malformed_records": malformed, **{"initial_" + k[5:]: v for k, v in extra["initial_eval"].items()}}
     final = read_final_eval(out / "metrics.jsonl") if d.main else {}
     summary.update(final)
@@ -393,6 +476,16 @@ def train(cfg: TrainConfig) -> dict:
             plot_runs({f"lambda={cfg.regap_weight:g}": out / "metrics.jsonl"}, out / "metrics.png")
         log.info("done: %s", summary)
     return summary
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total: int):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to ``min_lr_ratio`` x lr."""
+    from transformers import get_cosine_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if cfg.min_lr_ratio > 0:
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=cfg.min_lr_ratio)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total)
 
 
 def read_final_eval(path: Path) -> dict:
@@ -412,8 +505,8 @@ def export_model(vlm: VisionLanguageModel, cfg: TrainConfig, path: Path, d: Dist
     if not d.main:
         return
     vlm.merge_lora()
-    trained = {"projector"} | ({"language_model"} if cfg.stage == 2 else set())
-    if vlm.config.vision_path is None:
+    trained = {"projector"} | ({"language_model"} if cfg.lm_trainable() else set())
+    if vlm.config.vision_path is None or any(p.requires_grad for p in vlm.vision_tower.parameters()):
         trained.add("vision_tower")
     if vlm.config.lm_path is None:
         trained.add("language_model")
