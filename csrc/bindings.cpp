@@ -14,6 +14,8 @@
 #include <tuple>
 
 #include "gap_loss.h"
+#include "projector.h"
+#include "text_pool.h"
 
 namespace {
 
@@ -239,9 +241,218 @@ void bind_gap_loss(pybind11::module_& m) {
         py::arg("need_t"), py::arg("sign_t"));
 }
 
+// --------------------------------------------------------------------------------------------------
+// projector.cu: the projector's GEMM epilogues (the GEMMs are cuBLAS, called from Python)
+// --------------------------------------------------------------------------------------------------
+
+// A [rows] bool (or uint8) mask of the flattened token rows, read as bytes; any stride.
+void check_row_mask(const std::optional<at::Tensor>& mask, const char* name, int64_t rows,
+                    const at::Device& device) {
+  if (!mask.has_value()) return;
+  check_cuda_tensor(*mask, name, device);
+  TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte, name,
+              " must be a bool tensor, got ", mask->scalar_type());
+  TORCH_CHECK(mask->dim() == 1 && mask->size(0) == rows, name, " must have shape [", rows, "], got ",
+              mask->sizes());
+}
+
+// A [M, N] matrix as the row kernels read it: unit stride along N (else a contiguous copy).
+at::Tensor unit_column_stride(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+void check_matrix(const at::Tensor& t, const char* name, const at::Device& device) {
+  check_cuda_tensor(t, name, device);
+  TORCH_CHECK(t.dim() == 2, name, " must have shape [M, N], got ", t.sizes());
+  kernel_dtype(t.scalar_type(), name);
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> gelu_pool_forward(const at::Tensor& pre_in,
+                                                                    const std::optional<at::Tensor>& mask,
+                                                                    int64_t rows_per_sample, int64_t batch,
+                                                                    bool pool) {
+  const at::Device device = pre_in.device();
+  check_matrix(pre_in, "pre", device);
+  const int64_t rows = pre_in.size(0), cols = pre_in.size(1);
+  check_row_mask(mask, "mask_flat", rows, device);
+  TORCH_CHECK(batch >= 0, "batch must be >= 0, got ", batch);
+  TORCH_CHECK(!pool || rows == 0 || rows_per_sample >= 1, "rows_per_sample must be >= 1, got ", rows_per_sample);
+  const regap::DType dtype = kernel_dtype(pre_in.scalar_type(), "pre");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor pre = unit_column_stride(pre_in);
+  at::Tensor h = at::empty({rows, cols}, pre.options());
+  std::optional<at::Tensor> pooled;
+  if (pool) pooled = at::empty({batch, cols}, pre.options().dtype(at::kFloat));
+
+  regap::GeluPoolArgs a;
+  a.pre = pre.data_ptr();
+  a.pre_stride = pre.stride(0);
+  a.h = h.data_ptr();
+  a.h_stride = h.stride(0);
+  a.rows = rows;
+  a.cols = cols;
+  a.mask = mask_data(mask);
+  a.mask_stride = mask.has_value() ? mask->stride(0) : 0;
+  a.rows_per_sample = rows_per_sample;
+  a.batch = batch;
+  a.pooled = pool && batch > 0 && cols > 0 ? pooled->data_ptr<float>() : nullptr;
+  regap::GeluPoolPlan plan;
+  check_launch(regap::plan_gelu_pool(a, dtype, &plan), "gelu_pool_forward");
+  // freed on return: the caching allocator reuses it only after the kernels on this stream are done
+  at::Tensor partial;
+  if (plan.partial_rows() > 0) partial = at::empty({plan.partial_rows(), cols}, pre.options().dtype(at::kFloat));
+  check_launch(regap::gelu_pool_forward(a, dtype, plan, partial.defined() ? partial.data_ptr<float>() : nullptr,
+                                        at::cuda::getCurrentCUDAStream()),
+               "gelu_pool_forward");
+  return {h, pooled};
+}
+
+std::tuple<at::Tensor, std::optional<at::Tensor>> dgelu_backward(const at::Tensor& dh_in, const at::Tensor& pre_in,
+                                                                 const std::optional<at::Tensor>& mask,
+                                                                 int64_t rows_per_sample,
+                                                                 const std::optional<at::Tensor>& vec_in,
+                                                                 bool need_dbias, bool overwrite_dh) {
+  const at::Device device = pre_in.device();
+  check_matrix(pre_in, "pre", device);
+  check_matrix(dh_in, "dh", device);
+  TORCH_CHECK(dh_in.sizes() == pre_in.sizes(), "dh ", dh_in.sizes(), " and pre ", pre_in.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(dh_in.scalar_type() == pre_in.scalar_type(), "dh (", dh_in.scalar_type(), ") and pre (",
+              pre_in.scalar_type(), ") must have the same dtype");
+  const int64_t rows = pre_in.size(0), cols = pre_in.size(1);
+  check_row_mask(mask, "mask_flat", rows, device);
+  if (vec_in.has_value()) {
+    check_cuda_tensor(*vec_in, "vw2", device);
+    TORCH_CHECK(vec_in->dim() == 2 && vec_in->size(1) == cols, "vw2 must have shape [B, ", cols, "], got ",
+                vec_in->sizes());
+    TORCH_CHECK(rows == 0 || rows_per_sample >= 1, "rows_per_sample must be >= 1, got ", rows_per_sample);
+  }
+  const regap::DType dtype = kernel_dtype(pre_in.scalar_type(), "pre");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor pre = unit_column_stride(pre_in);
+  const at::Tensor dh = unit_column_stride(dh_in);
+  // in place only into a tensor whose elements are all distinct (an expanded dh would be a race)
+  const at::Tensor dpre = overwrite_dh && dh.is_contiguous() ? dh : at::empty({rows, cols}, pre.options());
+  std::optional<at::Tensor> vec;
+  if (vec_in.has_value()) vec = vec_in->scalar_type() == at::kFloat ? *vec_in : vec_in->to(at::kFloat);
+  std::optional<at::Tensor> dbias;
+  if (need_dbias) dbias = at::empty({cols}, pre.options().dtype(at::kFloat));
+
+  regap::DGeluArgs a;
+  a.dh = dh.data_ptr();
+  a.dh_stride = dh.stride(0);
+  a.pre = pre.data_ptr();
+  a.pre_stride = pre.stride(0);
+  a.dpre = dpre.data_ptr();
+  a.dpre_stride = dpre.stride(0);
+  a.rows = rows;
+  a.cols = cols;
+  a.mask = mask_data(mask);
+  a.mask_stride = mask.has_value() ? mask->stride(0) : 0;
+  a.rows_per_sample = rows_per_sample;
+  if (vec.has_value() && vec->numel() > 0) {
+    a.vec = vec->data_ptr<float>();
+    a.vec_rows = vec->size(0);
+    a.vec_stride_b = vec->stride(0);
+    a.vec_stride_n = vec->stride(1);
+  }
+  a.dbias = need_dbias && cols > 0 ? dbias->data_ptr<float>() : nullptr;
+  regap::DGeluPlan plan;
+  check_launch(regap::plan_dgelu(a, dtype, &plan), "dgelu_backward");
+  at::Tensor partial;
+  if (plan.partial_rows() > 0) partial = at::empty({plan.partial_rows(), cols}, pre.options().dtype(at::kFloat));
+  check_launch(regap::dgelu_backward(a, dtype, plan, partial.defined() ? partial.data_ptr<float>() : nullptr,
+                                     at::cuda::getCurrentCUDAStream()),
+               "dgelu_backward");
+  return {dpre, dbias};
+}
+
+void bind_projector(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("gelu_pool_forward", &gelu_pool_forward,
+        "gelu_pool_forward(pre, mask_flat, rows_per_sample, batch, pool) -> (h, pooled_sum)\n\n"
+        "h = GELU(pre) (exact erf, fp32 math) in pre's dtype, pre [M, N] fp32/fp16/bf16. With pool, also\n"
+        "pooled_sum [batch, N] fp32: the sums of the valid rows (mask_flat [M] bool or None) of the stored h,\n"
+        "row r belonging to sample r // rows_per_sample (rows of samples >= batch are not summed); else None.",
+        py::arg("pre"), py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("batch"), py::arg("pool"));
+  m.def("dgelu_backward", &dgelu_backward,
+        "dgelu_backward(dh, pre, mask_flat, rows_per_sample, vw2, need_dbias, overwrite_dh) -> (dpre, db)\n\n"
+        "dpre = (dh + vw2[r // rows_per_sample] on valid rows) * GELU'(pre), fp32 math, in pre's dtype\n"
+        "(dh [M, N] of pre's dtype; vw2 [B, N] or None). db [N] fp32: the column sums of the stored dpre,\n"
+        "or None. overwrite_dh: dpre may be written into dh (when dh is contiguous).",
+        py::arg("dh"), py::arg("pre"), py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("vw2"),
+        py::arg("need_dbias"), py::arg("overwrite_dh"));
+}
+
+// --------------------------------------------------------------------------------------------------
+// text_pool.cu: embedding-bag mean of the caption tokens
+// --------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> gather_mean_forward(const at::Tensor& ids, const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& mask) {
+  const at::Device device = weight.device();
+  check_cuda_tensor(weight, "weight", device);
+  check_cuda_tensor(ids, "input_ids", device);
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+              "input_ids must be an int32 or int64 tensor, got ", ids.scalar_type());
+  TORCH_CHECK(ids.dim() == 2, "input_ids must have shape [B, T], got ", ids.sizes());
+  TORCH_CHECK(weight.dim() == 2, "weight must have shape [V, D], got ", weight.sizes());
+  const regap::DType dtype = kernel_dtype(weight.scalar_type(), "weight");
+  const int64_t batch = ids.size(0), tokens = ids.size(1), dim = weight.size(1);
+  check_mask(mask, "text_mask", batch, tokens, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto f32 = weight.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({batch, dim}, f32);
+  at::Tensor inv_count = at::empty({batch}, f32);
+  regap::GatherArgs a;
+  a.ids = ids.data_ptr();
+  a.ids_int64 = ids.scalar_type() == at::kLong;
+  a.ids_stride_b = ids.stride(0);
+  a.ids_stride_t = ids.stride(1);
+  a.weight = weight.data_ptr();
+  a.weight_rows = weight.size(0);
+  a.weight_stride_v = weight.stride(0);
+  a.weight_stride_d = weight.stride(1);
+  a.batch = batch;
+  a.tokens = tokens;
+  a.dim = dim;
+  a.mask = mask_data(mask);
+  if (mask.has_value()) {
+    a.mask_stride_b = mask->stride(0);
+    a.mask_stride_t = mask->stride(1);
+  }
+  regap::GatherPlan plan;
+  check_launch(regap::plan_gather_mean(a, dtype, &plan), "gather_mean_forward");
+  at::Tensor partial, counts;
+  if (plan.needs_partial()) {
+    partial = at::empty({batch, plan.chunks, dim}, f32);
+    counts = at::empty({batch, plan.chunks}, weight.options().dtype(at::kInt));
+  }
+  check_launch(regap::gather_mean_forward(a, dtype, plan, partial.defined() ? partial.data_ptr<float>() : nullptr,
+                                          counts.defined() ? reinterpret_cast<unsigned*>(counts.data_ptr<int>())
+                                                           : nullptr,
+                                          mean.data_ptr<float>(), inv_count.data_ptr<float>(),
+                                          at::cuda::getCurrentCUDAStream()),
+               "gather_mean_forward");
+  return {mean, inv_count};
+}
+
+void bind_text_pool(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("gather_mean_forward", &gather_mean_forward,
+        "gather_mean_forward(input_ids, weight, text_mask) -> (mean [B, D], inv_count [B]), both fp32\n\n"
+        "Masked mean of the embedding rows weight[input_ids[b, t]] over the valid tokens (text_mask [B, T]\n"
+        "bool or None); 0 and 0 for a sample with none. input_ids [B, T] int32/int64 in [0, V) (not checked),\n"
+        "weight [V, D] fp32/fp16/bf16, any strides.",
+        py::arg("input_ids"), py::arg("weight"), py::arg("text_mask"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "regap_fast CUDA kernels (the `cuda` backend); see regap_fast/_cuda_backend.py";
   bind_gap_loss(m);
+  bind_projector(m);
+  bind_text_pool(m);
 }
