@@ -57,16 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         description="REGAP: reduce the pretraining modality gap of vision-language models (arXiv 2505.24208).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen(argv)
-    modules = {}
+    modules, parsers = {}, {}
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             modules[name] = importlib.import_module(module)
-            modules[name].add_arguments(p)
-    args = parser.parse_args(argv)
+            modules[name].add_arguments(parsers[name])
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if unknown:  # reported by the subcommand's parser, with its usage, not the top-level one
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(modules[args.command].run(args) or 0)
 
 

@@ -7,6 +7,7 @@
   binomial proportions based on paired data", Statistics in Medicine 17:2635-2650 — the two Wilson
   intervals combined with the correlation between the paired outcomes.
 * ``correlation``: Pearson and Spearman coefficients with their p-values (scipy.stats).
+* ``mean_interval``: a mean with its Student-t interval (per-seed differences, ``regap-fast reproduce``).
 """
 
 from __future__ import annotations
@@ -121,3 +122,24 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict:
     spearman = stats.spearmanr(x, y)
     return out | {"pearson": {"r": float(pearson.statistic), "p": float(pearson.pvalue)},
                   "spearman": {"rho": float(spearman.statistic), "p": float(spearman.pvalue)}}
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """The mean of ``values`` and its Student-t confidence interval (e.g. a paired difference over seeds).
+
+    ``mean +- t_{(1+confidence)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
+    (``n - 1`` in the denominator). Returns ``{"n", "mean", "std", "low", "high"}``; with fewer than
+    2 values the interval (and std) is ``None``, never a misleading number.
+    """
+    from scipy import stats
+
+    _z(confidence)  # the same check of ``confidence``
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "low": None, "high": None}
+    mean = math.fsum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "low": None, "high": None}
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
