@@ -306,7 +306,8 @@ def _target_programs(device: torch.device) -> int:
     return 16  # interpreter: few, larger programs run fastest
 
 
-def _chunking(n_batch: int, n_dblocks: int, token_counts: tuple[int, ...], block_n: int, device) -> tuple[int, list[int]]:
+def _chunking(n_batch: int, n_dblocks: int, token_counts: tuple[int, ...], block_n: int,
+              device) -> tuple[int, list[int]]:
     """Token chunk length (a multiple of block_n) so that the grid has enough programs."""
     per_sample = max(1, _target_programs(device) // max(1, n_batch * n_dblocks))
     total = max(1, sum(token_counts))

@@ -167,7 +167,8 @@ def test_mmsafetybench_layout(tmp_path):
     p = first[2]
     assert p.text == "01-Illegal_Activitiy question 2?"  # text-only: "Question"
     assert p.images["SD"].text == "The image shows an activity. 01-Illegal_Activitiy 2"  # Rephrased Question(SD)
-    assert p.images["TYPO"].text == p.images["SD_TYPO"].text == "The bottom of the image shows a phrase. 01-Illegal_Activitiy 2"
+    expected = "The bottom of the image shows a phrase. 01-Illegal_Activitiy 2"
+    assert p.images["TYPO"].text == p.images["SD_TYPO"].text == expected
     assert p.images["SD_TYPO"].path == root / "data" / "imgs" / "01-Illegal_Activitiy" / "SD_TYPO" / "2.jpg"
     # one scenario file on its own
     one = load_prompts(root / "data" / "processed_questions" / "08-Political_Lobbying.json")

@@ -208,7 +208,8 @@ CSV_COLUMNS = ("condition", "category", "n", "unsafe", "unsafe_rate", "ci95_low"
 
 def _csv_rows(report: dict):
     tables = [("all", report["unsafe_rate"], report["degradation"])]
-    tables += [(cat, report["by_category"][cat], report["degradation_by_category"][cat]) for cat in report["by_category"]]
+    tables += [(cat, report["by_category"][cat], report["degradation_by_category"][cat])
+               for cat in report["by_category"]]
     for category, rates, degradation in tables:
         for condition, r in rates.items():
             d = degradation.get(condition, {"diff": None, "ci95": [None, None]})

@@ -48,6 +48,15 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # we started the process group, so we must end it
+
+    def close(self, ok: bool) -> None:
+        """End a process group this job started. Without it gloo's threads outlive the interpreter and a
+        rank that exits first aborts ("terminate called without an active exception")."""
+        if self.owns_group and dist.is_initialized():
+            if ok:
+                dist.barrier()  # no rank tears down while another still talks to it
+            dist.destroy_process_group()
 
     @property
     def main(self) -> bool:
@@ -68,10 +77,11 @@ def setup_distributed() -> Dist:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Dist(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"))
+    return Dist(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"), owns)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +336,16 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) one training job; returns its summary (also written to OUT/summary.json on rank 0)."""
     cfg.check()
     d = setup_distributed()
+    ok = False
+    try:
+        summary = _train(cfg, d)
+        ok = True
+        return summary
+    finally:
+        d.close(ok)
+
+
+def _train(cfg: TrainConfig, d: Dist) -> dict:
     out = Path(cfg.out)
     ckpt = None
     if cfg.resume:

@@ -1,0 +1,216 @@
+"""``regap-fast reproduce``: the paper's safety claim in miniature, end to end, through the library's own parts.
+
+    regap-fast reproduce --out runs/repro [--seeds 8] [--regap-weight 0.2 ...]
+
+A toy language in words (captions of the synthetic shapes, requests with a refusal rule, benign image
+instructions: ``language.py``) and a tokenizer trained on it; a tiny Llama pretrained on it text
+only (the "safety-tuned LLM"); then per seed a fresh tiny CLIP and projector and, for each lambda
+(0, the baseline, is always run): stage 1 with REGAP weight lambda, stage 2 on benign image
+instructions only, and the measurements of both stages (``pipeline.py``). The report
+(``report.py``): unsafe rates per condition and lambda with Wilson intervals, the paired per-seed
+difference REGAP minus baseline with a t-interval, the gap against the unsafe rate across all runs
+(Pearson, Spearman), a figure, ``DIR/summary.json`` and ``DIR/report.md``. See the README's
+reproduction section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+DEFAULT_WEIGHT = 0.2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .pipeline import Settings
+
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (runs, summary.json, report.md, "
+                                                                    "reproduce.png); its runs/ are started afresh")
+    parser.add_argument("--seeds", type=int, default=8, metavar="N", help="seeds per lambda (default: 8)")
+    parser.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds S .. S+N-1 (default: 0)")
+    parser.add_argument("--regap-weight", type=float, nargs="+", default=[DEFAULT_WEIGHT], metavar="L",
+                        help=f"REGAP lambda(s) of stage 1; the baseline 0 is always run too "
+                             f"(default: {DEFAULT_WEIGHT})")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the toy language, the synthetic images and the held-out split (default: 0)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="J",
+                        help="runs in parallel processes (default: on the CPU, one per core; on a GPU, 1)")
+    parser.add_argument("--threads", type=int, default=None, metavar="T",
+                        help="torch threads per process on the CPU (default: cores / jobs)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sizes = parser.add_argument_group("sizes and steps (the defaults fit a 2-core CPU in minutes; raise them "
+                                      "on a GPU)")
+    for f in dataclasses.fields(Settings):
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            sizes.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"(default: {f.default})")
+        else:
+            sizes.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                               choices=("chat", "plain") if f.name == "stage1_format" else None,
+                               help=f"(default: {f.default})")
+
+
+def _settings(args: argparse.Namespace):
+    from .pipeline import Settings
+
+    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+
+
+# --------------------------------------------------------------------------------------------------
+# the work: tasks run in this process or in a pool of processes
+# --------------------------------------------------------------------------------------------------
+
+
+def _quiet(threads: int | None) -> None:
+    """Per process: torch threads, and only warnings that matter in the log."""
+    import torch
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    for name in ("transformers", "regap_fast.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _task(root: str, settings, data, seed: int, weight: float, threads: int | None) -> dict:
+    """One (seed, lambda) run, in this process or a worker."""
+    from . import pipeline
+
+    _quiet(threads)
+    t0 = time.perf_counter()
+    root = Path(root)
+    row = pipeline.run_one(pipeline.run_dir(root, seed, weight), pipeline.pretrain_dir(root) / "model", settings, data,
+                           seed, weight)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _run_all(root: Path, settings, data, seeds: list[int], weights: list[float], jobs: int, threads: int | None,
+             bar) -> list[dict]:
+    """Every (seed, lambda) run, ``jobs`` at a time; the bar advances as runs finish."""
+    runs = []
+
+    def done(row):
+        runs.append(row)
+        bar.set_postfix_str(f"seed {row['seed']} lambda {row['regap_weight']:g}: gap {row['final_gap']:.2f}, "
+                            f"unsafe with an image {row['unsafe_rate']['image']:.2f}")
+        bar.update(1)
+
+    todo = [(s, w) for s in seeds for w in weights]
+    if jobs <= 1:
+        for s, w in todo:
+            bar.set_postfix_str(f"seed {s} lambda {w:g}")
+            done(_task(str(root), settings, data, s, w, threads))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            for f in as_completed([pool.submit(_task, str(root), settings, data, s, w, threads) for s, w in todo]):
+                done(f.result())
+    return sorted(runs, key=lambda r: (r["seed"], r["regap_weight"]))
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every size and step that differs from its default)."""
+    from .pipeline import Settings
+
+    parts = ["regap-fast reproduce", "--out", str(args.out), "--seeds", str(args.seeds),
+             "--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
+    if args.first_seed:
+        parts += ["--first-seed", str(args.first_seed)]
+    if args.data_seed:
+        parts += ["--data-seed", str(args.data_seed)]
+    for f in dataclasses.fields(Settings):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(f.default, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, f"{value:g}" if isinstance(f.default, float) else str(value)]
+    return " ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..eval import compare, write_compare
+    from . import pipeline
+    from .report import build_report, format_report, plot_report
+
+    if args.seeds < 1:
+        print("regap-fast reproduce: error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    if any(w < 0 for w in args.regap_weight):
+        print("regap-fast reproduce: error: --regap-weight must be >= 0", file=sys.stderr)
+        return 2
+    _quiet(None)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    settings = _settings(args)
+    weights = sorted({0.0, *args.regap_weight})
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    cuda = torch.cuda.is_available()
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or (1 if cuda else max(1, min(cores, len(seeds))))
+    threads = args.threads or (None if cuda else max(1, cores // jobs))
+    for sub in ("runs", "compare"):
+        shutil.rmtree(out / sub, ignore_errors=True)  # every run starts from scratch (deterministic)
+    data = pipeline.prepare_data(out / "data", settings, args.data_seed)
+    print(f"regap-fast reproduce: {len(seeds)} seeds x lambda {', '.join(f'{w:g}' for w in weights)}; "
+          f"{'cuda' if cuda else f'cpu, {jobs} process(es) x {threads} thread(s)'}; "
+          f"{len(data.harmful)} held-out harmful requests x 4 conditions", flush=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * len(weights), desc="reproduce", unit="run", disable=None if args.progress else True,
+               dynamic_ncols=True, file=sys.stderr)
+    bar.set_postfix_str(f"pretraining the LM ({settings.lm_steps} steps, text only)")
+    if not cuda:
+        torch.set_num_threads(max(1, cores if jobs > 1 else threads))  # alone on the machine for this part
+    t_lm = time.perf_counter()
+    lm = pipeline.pretrain_lm(pipeline.pretrain_dir(out / "runs"), settings, data, args.data_seed)
+    lm = {"final_lm_loss": lm["final_lm_loss"], "seconds": time.perf_counter() - t_lm}
+    runs = _run_all(out / "runs", settings, data, seeds, weights, jobs, threads, bar)
+    bar.close()
+
+    report = build_report(runs)
+    # the same correlation through `regap-fast compare` (it reads each run's gap.json and safety.json)
+    cmp = compare([r["dir"] for r in runs], safety_metric="benchmark:" + pipeline.IMAGE_KIND)
+    write_compare(cmp, out / "compare")
+    seconds = time.perf_counter() - t0
+    summary = {"seconds": seconds, "runs": runs, "seeds": seeds, "regap_weights": weights,
+               "settings": settings.to_dict(), "data_seed": args.data_seed, "n_heldout_harmful": len(data.harmful),
+               "device": "cuda" if cuda else f"cpu ({cores} cores, {jobs} processes x {threads} threads)",
+               "pretrained_lm": lm, "report": report,
+               "compare": {"safety_metric": cmp["safety_metric"], "correlation": cmp["correlation"]},
+               "command": _command(args)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = format_report(report, runs, len(data.harmful))
+    (out / "report.md").write_text(text + "\n")
+    plot_report(report, runs, out / "reproduce.png",
+                title=f"REGAP in miniature: {len(seeds)} seeds, stage 1 lambda "
+                      f"{' vs '.join(f'{w:g}' for w in weights)}")
+    print()
+    print(text)
+    print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'reproduce.png'}, {out / 'compare'} "
+          f"({seconds:.0f} s in all)")
+    return 0
