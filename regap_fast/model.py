@@ -668,14 +668,20 @@ def _default_dtype(device) -> torch.dtype:
 
 
 def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = None) -> VisionLanguageModel:
-    """A model saved by ``save_pretrained``, or a transformers ``LlavaForConditionalGeneration`` folder.
+    """A model saved by ``save_pretrained``, a run folder of ``regap-fast train``/``demo`` (its ``model/``),
+    or a transformers ``LlavaForConditionalGeneration`` folder.
 
     ``dtype`` None: bf16 on CUDA, fp32 on the CPU.
     """
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"  # a training run's folder: its exported model
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
+        hint = (" (a training checkpoint holds weights for --resume; the model to load is the run's model/ folder, "
+                "written when the run finishes)" if (path / "train_state.pt").is_file()
+                or path.parent.name == "checkpoints" else "")
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json){hint}")
     meta = json.loads(cfg_path.read_text())
     dtype = dtype or _default_dtype(device)
     if meta.get("format") == FORMAT:

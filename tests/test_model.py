@@ -187,6 +187,8 @@ def test_generate_batched_equals_one_by_one(vlm):
 def test_save_and_load_roundtrip(vlm, tmp_path):
     vlm.save_pretrained(tmp_path / "m")
     again = load_model(tmp_path / "m")
+    vlm.save_pretrained(tmp_path / "run" / "model")  # a training run's folder loads its exported model
+    assert load_model(tmp_path / "run").config == vlm.config
     assert again.config == vlm.config
     assert again.tokenizer.get_vocab() == vlm.tokenizer.get_vocab()
     assert again.tokenizer.chat_template == vlm.tokenizer.chat_template
@@ -253,6 +255,9 @@ def test_transformers_llava_folder_gives_the_same_logits(vlm, tmp_path):
 def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(tmp_path)
+    (tmp_path / "checkpoints" / "step-00000005").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="the run's model/ folder"):
+        load_model(tmp_path / "checkpoints" / "step-00000005")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="neither"):
         load_model(tmp_path)
