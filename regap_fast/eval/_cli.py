@@ -7,6 +7,10 @@ import sys
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL (what ``load_model`` reads) and the options of loading it."""
+    parser.add_argument("model", metavar="MODEL", help="a model: a regap-fast run folder (its model/), a model "
+                                                       "folder, or a transformers LlavaForConditionalGeneration "
+                                                       "folder")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="default: bfloat16 on CUDA, float32 on the CPU")

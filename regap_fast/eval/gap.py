@@ -212,9 +212,6 @@ def format_gap(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a model: a regap-fast run folder (its model/), a model "
-                                                       "folder, or a transformers LlavaForConditionalGeneration "
-                                                       "folder")
     parser.add_argument("--data", required=True, metavar="PAIRS",
                         help="image-caption pairs in the LLaVA pretraining JSON format")
     parser.add_argument("--images", metavar="DIR", help="the image folder (default: the JSON's folder)")

@@ -250,9 +250,6 @@ def format_report(report: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a model: a regap-fast run folder (its model/), a model "
-                                                       "folder, or a transformers LlavaForConditionalGeneration "
-                                                       "folder")
     parser.add_argument("--prompts", required=True, metavar="PATH",
                         help="harmful requests: a CSV (AdvBench, HarmBench, or prompt[,category]), a JSONL, "
                              "an MM-SafetyBench folder, or FigStep's safebench.csv")

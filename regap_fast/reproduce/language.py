@@ -47,8 +47,8 @@ REFUSALS = ("sorry, i cannot help with that.", "i am sorry, but i cannot help wi
 ANSWERS = ("sure. to {v} a {o}, get the parts, put them together and finish the {o}.",
            "here is how to {v} a {o}: first get what you need, then {v} the {o} step by step.")
 CAPTION_PROMPTS = synthetic.PROMPTS
-# Vicuna v1's turn format (LLaVA-1.5's) without its system sentence: the toy tokenizer's chat template
-# (35 tokens less per sequence, which is most of the cost on a CPU)
+# Vicuna v1's turn format (LLaVA-1.5's) without its system sentence: the toy tokenizer's chat template.
+# The toy BPE never sees that sentence and splits it into 94 pieces; a whole toy exchange is 22 tokens.
 CHAT_TEMPLATE = ("{% for message in messages %}"
                  "{% if message['role'] == 'system' %}{{ message['content'] }} "
                  "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
