@@ -4,19 +4,26 @@
 
 REGAP_FAST_BUILD_CUDA=1 forces the CUDA build (and fails loudly if it cannot), =0 skips it; unset,
 it builds when PyTorch is a CUDA build and nvcc is found. TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default: the visible GPU's, else "8.0;9.0"). The extension's sources are listed once,
-in csrc/sources.txt, which CMakeLists.txt reads too.
+architectures; by default the visible GPU's, else SASS for each of DEFAULT_ARCHS that the installed
+nvcc knows plus PTX of the newest (so a newer GPU still runs the kernels, JIT-compiled by the driver).
+The list is compiled into the extension: `regap-fast info` reports it. The extension's sources are
+listed once, in csrc/sources.txt, which CMakeLists.txt reads too.
 """
 
 import glob
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+
+
+# Ampere (A100, A10/RTX 30), Ada (L4/L40, RTX 40), Hopper (H100/H200), Blackwell (B200, RTX 50)
+DEFAULT_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 
 def log(msg: str) -> None:
@@ -59,6 +66,42 @@ def wheel_cuda_includes(cuda_home: str) -> list[str]:
     return sorted(dirs)
 
 
+def toolkit_archs(cuda_home: str) -> set[str]:
+    """The compute capabilities ("9.0", "12.0", ...) that this nvcc can compile for."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    caps = set()
+    for name in out.split():
+        digits = name.removeprefix("compute_")
+        if digits.isdigit():
+            caps.add(f"{digits[:-1]}.{digits[-1]}")
+    return caps
+
+
+def default_arch_list(cuda_home: str) -> str:
+    """SASS for the DEFAULT_ARCHS the toolkit knows, PTX for the newest of them."""
+    known = toolkit_archs(cuda_home)
+    archs = [a for a in DEFAULT_ARCHS if a in known] or ["8.0", "9.0"]  # unknown toolkit: the old default
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
+def arch_names(arch_list: str) -> list[str]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") as the code it builds: ["sm_80", "sm_90", "compute_90"]."""
+    names = []
+    for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+        if not item:
+            continue
+        cap, ptx = item.removesuffix("+PTX"), item.endswith("+PTX")
+        digits = cap.replace(".", "")
+        names.append(f"sm_{digits}")
+        if ptx:
+            names.append(f"compute_{digits}")
+    return names
+
+
 def cuda_extension():
     mode = os.environ.get("REGAP_FAST_BUILD_CUDA", "auto").strip().lower()
     force = mode in ("1", "true", "yes", "on")
@@ -84,17 +127,24 @@ def cuda_extension():
         return skip(f"PyTorch is not importable ({exc}); install torch first and use --no-build-isolation")
     if torch.version.cuda is None:
         return skip(f"PyTorch {torch.__version__} is a CPU-only build")
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+                sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
+    archs = arch_names(os.environ["TORCH_CUDA_ARCH_LIST"])
     log(f"building regap_fast._C with CUDA_HOME={cuda_home}, torch {torch.__version__}, "
-        f"archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPU')}")
+        f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} ({', '.join(archs)}); "
+        "nvcc compiles each architecture separately (a few minutes on 2 cores)")
     ext = CUDAExtension(
         name="regap_fast._C",
         sources=extension_sources(),
         include_dirs=[str(ROOT / "csrc")] + wheel_cuda_includes(cuda_home),
         extra_compile_args={
             # torch >= 2.13's headers need C++20 (bindings.cpp); the .cu files include no torch header
-            "cxx": ["-O3", "-std=c++20"],
+            # the architectures, compiled in for `regap-fast info` (bindings.cpp: _C.cuda_archs())
+            "cxx": ["-O3", "-std=c++20", f"-DREGAP_FAST_CUDA_ARCHS={','.join(archs)}"],
             # no --use_fast_math: the projector epilogues need the exact erf GELU
             "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
         },
@@ -102,13 +152,14 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = cuda_extension()
-
-setup(
-    packages=find_packages(include=["regap_fast", "regap_fast.*"]) + ["regap_fast.kernels"],
-    # the Triton kernels live in the top-level kernels/ folder but ship inside regap_fast's
-    # namespace (a top-level `kernels` package would clash with an unrelated PyPI package)
-    package_dir={"regap_fast.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    ext_modules, cmdclass = cuda_extension()
+    setup(
+        packages=find_packages(include=["regap_fast", "regap_fast.*"]) + ["regap_fast.kernels"],
+        # the Triton kernels live in the top-level kernels/ folder (the project's layout: kernels/,
+        # csrc/, regap_fast/) but ship inside regap_fast's namespace: a top-level `kernels` package
+        # would clash with an unrelated PyPI package. kernels/README.md says so where a reader looks.
+        package_dir={"regap_fast.kernels": "kernels"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

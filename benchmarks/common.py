@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from typing import Callable, Sequence
 
 import torch
@@ -86,21 +87,32 @@ def time_cuda(fns: Sequence[Callable[[], object]], *, warmup: int = 5, reps: int
 
 def time_interleaved(variants: dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3, rounds: int = 20,
                      per_round: int = 3) -> dict[str, dict]:
-    """Time several variants in alternation (A B A B ...): slow drifts (clocks, temperature) hit all alike."""
+    """Time several variants in alternation (A B A B ...): slow drifts (clocks, temperature) hit all alike.
+
+    On a GPU each call is timed by CUDA events around it; on the CPU (rehearsals) by the wall clock.
+    """
+    on_gpu = torch.cuda.is_available()
     for fns in variants.values():
         for i in range(warmup):
             fns[i % len(fns)]()
-    torch.cuda.synchronize()
+    if on_gpu:
+        torch.cuda.synchronize()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
         for name, fns in variants.items():
             for j in range(per_round):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fns[(r * per_round + j) % len(fns)]()
-                e.record()
-                e.synchronize()
-                times[name].append(s.elapsed_time(e))
+                call = fns[(r * per_round + j) % len(fns)]
+                if on_gpu:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    call()
+                    e.record()
+                    e.synchronize()
+                    times[name].append(s.elapsed_time(e))
+                else:
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: _summary(v) for k, v in times.items()}
 
 
@@ -119,7 +131,11 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
 
 
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
-    """Peak allocated memory during one call, above what was allocated before it."""
+    """Peak allocated memory during one call, above what was allocated before it (0 on the CPU,
+    where PyTorch keeps no such count)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()

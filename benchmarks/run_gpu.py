@@ -10,8 +10,9 @@
    eager / compiled versions: time, peak memory, fraction of the matmul floor;
 4. a LLaVA-style stage-1 training step at LLaVA-1.5-7B shapes, REGAP on vs off.
 
-Writes ``benchmarks/results/<gpu>-<date>.json`` (every number, the environment, the command),
-a ``.md`` table and PNG plots. The headline ratios are under the JSON's ``"summary"``.
+Writes ``<out>/<gpu>-<date>.json`` (every number, the environment, the command), a ``.md`` table
+and a PNG plot, and appends the headline ratios (the JSON's ``"summary"``) to ``<out>/history.csv``
+with the GPU, versions and commit (benchmarks/results/history.csv keeps them across runs and GPUs).
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import regap_fast  # noqa: E402
 from regap_fast import backends  # noqa: E402
-from common import (environment, measure_ceilings, peak_memory_bytes, rotation_count, time_cuda,  # noqa: E402
-                    time_interleaved)
+from common import environment, measure_ceilings, rotation_count, time_cuda  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DT = torch.bfloat16
@@ -161,98 +160,12 @@ def section_gap(args, ceil):
 # --------------------------------------------------------------------------------------------------
 
 
-def projector_flops(M, Dv, D) -> float:
-    """fwd: x W1^T, h W2^T; bwd: dE W2, dE^T h, dpre^T x (x needs no gradient in stage 1)."""
-    return 2 * M * (Dv * D + D * D) + 2 * M * (2 * D * D + Dv * D)
-
-
 def section_projector(args, ceil):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    from bench_projector import section
 
-    B, Ni, Nt, Dv, D, V = 32, 576, 128, 1024, 4096, 32000
-    lam = 0.1
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=Dv, num_attention_heads=16),
-                      text_config=LlamaConfig(hidden_size=D, num_attention_heads=32),
-                      projector_hidden_act="gelu")
-    plain = LlavaMultiModalProjector(cfg).to("cuda", DT)
-    table = torch.randn(V, D, device="cuda", dtype=DT)
-    sets = []
-    for s in range(2):  # x + dE are 190 MB per set: two sets are beyond L2
-        g = torch.Generator(device="cuda").manual_seed(100 + s)
-        x = torch.randn(B, Ni, Dv, device="cuda", dtype=DT, generator=g)
-        dE = torch.randn(B, Ni, D, device="cuda", dtype=DT, generator=g) * 1e-3
-        ids = torch.randint(0, V, (B, Nt), device="cuda", generator=g)
-        lengths = torch.randint(Nt // 2, Nt + 1, (B,), device="cuda", generator=g)
-        tm = torch.arange(Nt, device="cuda")[None, :] < lengths[:, None]
-        sets.append((x, dE, ids, tm))
-
-    params = list(plain.parameters())
-
-    def plain_step(x, dE, ids, tm):
-        e = plain(x)
-        return torch.autograd.grad(e, params, dE)
-
-    def unfused_step(x, dE, ids, tm):
-        e = plain(x)
-        gap = regap_fast.gap_loss_reference(e, F.embedding(ids, table), None, tm)
-        return torch.autograd.grad((e, lam * gap), params, (dE, None))
-
-    def plain_plus_fused_loss(x, dE, ids, tm):
-        e = plain(x)
-        gap = regap_fast.fused_gap_loss(e, F.embedding(ids, table), None, tm)
-        return torch.autograd.grad((e, lam * gap), params, (dE, None))
-
-    fused = {}
-    for b in kernel_backends("projector"):
-        proj = regap_fast.FusedLlavaProjector(Dv, D, backend=b).to("cuda", DT)
-        proj.load_state_dict(plain.state_dict())
-        fparams = list(proj.parameters())
-
-        def fused_step(x, dE, ids, tm, proj=proj, fparams=fparams):
-            e, gap = regap_fast.projector_gap_loss(proj, x, ids, table, None, tm)
-            return torch.autograd.grad((e, lam * gap), fparams, (dE, None))
-        fused[f"fused_{b}"] = fused_step
-
-    compiled = torch.compile(unfused_step)
-    variants = {"plain_no_regap": plain_step, "unfused_eager": unfused_step,
-                "plain_plus_fused_gap_loss": plain_plus_fused_loss, **fused}
-
-    # correctness at these shapes: the fused gradients equal the unfused ones
-    ref = unfused_step(*sets[0])
-    checks = {}
-    for name, fn in fused.items():
-        got = fn(*sets[0])
-        checks[name] = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in zip(got, ref))
-    log(f"projector: max relative gradient difference fused vs unfused: {checks}")
-
-    flops = projector_flops(B * Ni, Dv, D)
-    floor_ms = flops / ceil["bf16_matmul_flop_per_s"] * 1e3
-    res = {"shape": dict(B=B, Ni=Ni, Nt=Nt, Dv=Dv, D=D, dtype="bf16", regap_weight=lam), "flops": flops,
-           "matmul_floor_ms": floor_ms, "grad_rel_diff_vs_unfused": checks, "results": {}}
-    # all as launched (GEMM-bound: milliseconds of device work per call hide the launches),
-    # interleaved so that clock drift hits every variant alike
-    calls = {name: [(lambda fn=fn, s=s: fn(*s)) for s in sets] for name, fn in variants.items()}
-    timings = time_interleaved(calls, rounds=15, per_round=2)
-    for name, fn in variants.items():
-        r = {"time": timings[name], "peak_mem_bytes": peak_memory_bytes(lambda fn=fn: fn(*sets[0]))}
-        r["matmul_floor_fraction"] = floor_ms / r["time"]["median_ms"]
-        res["results"][name] = r
-        log(f"  projector {name:28s} {r['time']['median_ms']:.3f} ms ({r['matmul_floor_fraction']:.0%} of the "
-            f"matmul floor), peak {r['peak_mem_bytes'] / 2**20:.0f} MiB")
-    try:
-        fns = [(lambda s=s: compiled(*s)) for s in sets]
-        for s in sets:
-            compiled(*s)
-        r = {"time": time_cuda(fns, reps=30), "peak_mem_bytes": peak_memory_bytes(lambda: compiled(*sets[0]))}
-        r["matmul_floor_fraction"] = floor_ms / r["time"]["median_ms"]
-        res["results"]["unfused_compiled"] = r
-        log(f"  projector unfused_compiled {r['time']['median_ms']:.3f} ms")
-    except Exception as exc:  # report, do not lose the rest
-        res["results"]["unfused_compiled"] = {"error": repr(exc)}
-        log(f"  projector unfused_compiled failed: {exc!r}")
-    return res
+    rehearse = getattr(args, "rehearse", False)
+    device = "cpu" if rehearse else "cuda"
+    return section(rehearse, device, torch.float32 if rehearse else DT, ceil, log=log)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,17 +196,29 @@ def summarise(report) -> dict:
         s["gap_loss_speedup_vs_compile"] = head["compile"]["graph"]["median_ms"] / head[best]["graph"]["median_ms"]
     proj = report.get("projector")
     if proj and not proj.get("error"):
-        r = proj["results"]
-        fused = [k for k in r if k.startswith("fused_")]
-        best = min(fused, key=lambda k: r[k]["time"]["median_ms"])
-        s["projector_backend"] = best.removeprefix("fused_")
-        plain = r["plain_no_regap"]["time"]["median_ms"]
-        s["projector_fused_vs_plain_time_ratio"] = r[best]["time"]["median_ms"] / plain
-        s["projector_fused_vs_plain_peak_mem_ratio"] = r[best]["peak_mem_bytes"] / r["plain_no_regap"]["peak_mem_bytes"]
+        s.update(_projector_summary("projector", proj["llava"]["results"]))
+        for row in proj.get("minigpt4", []):
+            s.update(_projector_summary(f"minigpt4_d{row['shape']['D']}_projector", row["results"]))
     train = report.get("train_step")
     if train and not train.get("error"):
         s["train_step_time_ratio"] = train["time_ratio"]
         s["train_step_peak_mem_ratio"] = train["peak_mem_ratio"]
+    return s
+
+
+def _projector_summary(prefix: str, r: dict) -> dict:
+    """The fastest fused contender against the plain projector and against torch.compile of the unfused code."""
+    fused = [k for k in r if k.startswith("fused_") and "time" in r[k]]
+    if not fused or "time" not in r.get("plain_no_regap", {}):
+        return {}
+    best = min(fused, key=lambda k: r[k]["time"]["median_ms"])
+    plain = r["plain_no_regap"]
+    s = {f"{prefix}_backend": best.removeprefix("fused_"),
+         f"{prefix}_fused_vs_plain_time_ratio": r[best]["time"]["median_ms"] / plain["time"]["median_ms"],
+         f"{prefix}_fused_vs_plain_peak_mem_ratio": r[best]["peak_mem_bytes"] / max(plain["peak_mem_bytes"], 1)}
+    if "time" in r.get("unfused_compiled", {}):
+        s[f"{prefix}_fused_vs_compile_time_ratio"] = (r[best]["time"]["median_ms"]
+                                                       / r["unfused_compiled"]["time"]["median_ms"])
     return s
 
 
@@ -306,7 +231,8 @@ def write_markdown(report, path: Path) -> None:
              f"bf16 matmul {c['bf16_matmul_flop_per_s'] / 1e12:.0f} TFLOP/s.", "", "## Summary", "",
              "| metric | value | goal |", "| --- | --- | --- |"]
     goals = {"train_step_time_ratio": "<= 1.005", "train_step_peak_mem_ratio": "<= 1.001",
-             "projector_fused_vs_plain_time_ratio": "<= 1.02", "gap_loss_fwd_bwd_hbm_fraction": ">= 0.85",
+             "projector_fused_vs_plain_time_ratio": "<= 1.02", "projector_fused_vs_compile_time_ratio": "<= 1",
+             "projector_fused_vs_plain_peak_mem_ratio": "<= 1.01", "gap_loss_fwd_bwd_hbm_fraction": ">= 0.85",
              "gap_loss_speedup_vs_eager": ">= 3", "gap_loss_speedup_vs_compile": "> 1"}
     for k, v in s.items():
         lines.append(f"| {k} | {v:.4g} | {goals.get(k, '')} |" if isinstance(v, float) else f"| {k} | {v} | |")
@@ -323,14 +249,24 @@ def write_markdown(report, path: Path) -> None:
                              f"{r['hbm_fraction']:.0%} |")
     proj = report.get("projector")
     if proj and not proj.get("error"):
-        lines += ["", "## Projector forward+backward (bf16, B=32, Ni=576, Dv=1024, D=4096)", "",
-                  "| variant | time (ms) | peak memory (MiB) | of matmul floor |", "| --- | --- | --- | --- |"]
-        for name, r in proj["results"].items():
-            if "error" in r:
-                lines.append(f"| {name} | failed: {r['error'][:80]} | | |")
-                continue
-            t = r["time"]["median_ms"]
-            lines.append(f"| {name} | {t:.3f} | {r['peak_mem_bytes'] / 2**20:.0f} | {r['matmul_floor_fraction']:.0%} |")
+        tables = [("LLaVA-1.5 projector", proj["llava"])]
+        tables += [(f"MiniGPT-4 projector {row['shape']['Dv']} -> {row['shape']['D']}", row)
+                   for row in proj.get("minigpt4", [])]
+        for title, res in tables:
+            sh = res["shape"]
+            lines += ["", f"## {title} forward+backward ({sh['dtype']}, B={sh['B']}, N={sh['Ni']}, Dv={sh['Dv']}, "
+                      f"D={sh['D']}, lambda {sh['regap_weight']})", "",
+                      "| variant | time (ms) | vs plain | peak memory (MiB) | vs plain | of matmul floor |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for name, r in res["results"].items():
+                lines.append(f"| {name} | {r['time']['median_ms']:.3f} | {r['time_vs_plain']:.3f} | "
+                             f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['peak_mem_vs_plain']:.3f} | "
+                             f"{r['matmul_floor_fraction']:.0%} |")
+        if proj.get("profile"):
+            from bench_projector import profile_markdown
+
+            lines += ["", "## Per-kernel profile of one LLaVA projector step (torch.profiler)", "",
+                      profile_markdown(proj["profile"])]
     train = report.get("train_step")
     if train and not train.get("error"):
         lines += ["", f"## Stage-1 training step ({train['description']})", "",
@@ -385,17 +321,54 @@ def run_section_child(args) -> int:
     return 0
 
 
+HISTORY_FIELDS = ("date", "gpu", "torch", "triton", "cuda", "commit", "metric", "value")
+
+
+def append_history(report: dict, path: Path) -> None:
+    """Append the summary's numbers to the results CSV: one row per metric, with the GPU, the versions
+    and the commit, so that results stay comparable across runs and GPUs (benchmarks/results/history.csv)."""
+    import csv
+
+    env = report["environment"]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(HISTORY_FIELDS)
+        for metric, value in report.get("summary", {}).items():
+            w.writerow([env["date"], env.get("gpu"), env["torch"], env["triton"], env["cuda"], env["git_commit"],
+                        metric, f"{value:.6g}" if isinstance(value, float) else value])
+
+
+def rehearse(out: Path) -> int:
+    """The projector section and the report writing at tiny shapes on the CPU, in this process."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(), "ceilings": {"hbm_bytes_per_s": 1e10, "bf16_matmul_flop_per_s": 1e11}}
+    report["projector"] = section_projector(argparse.Namespace(rehearse=True), report["ceilings"])
+    report["summary"] = summarise(report)
+    stem = out / "rehearsal"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(report, stem.with_suffix(".md"))
+    append_history(report, out / "history.csv")
+    log(f"wrote {stem}.json/.md (a rehearsal: CPU timings of tiny shapes, not a measurement)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="gap,projector,train")
     ap.add_argument("--quick", action="store_true", help="smaller sweeps and step counts")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rehearse", action="store_true",
+                    help="run the projector section on the CPU at tiny shapes (checks the script, measures nothing)")
     ap.add_argument("--only", choices=sorted(SECTIONS), help=argparse.SUPPRESS)  # internal: child process
     ap.add_argument("--ceilings", help=argparse.SUPPRESS)
     ap.add_argument("--part", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.rehearse:
+        return rehearse(args.out)
     if not torch.cuda.is_available():
-        print("run_gpu.py needs a CUDA GPU; on the CPU use `pytest benchmarks --benchmark-only`.")
+        print("run_gpu.py needs a CUDA GPU; on the CPU use `pytest --benchmark-only` (or --rehearse).")
         return 2
     if args.only:
         return run_section_child(args)
@@ -425,6 +398,7 @@ def main(argv=None) -> int:
     ceil_file.unlink(missing_ok=True)
     part_file.unlink(missing_ok=True)
     write_markdown(report, stem.with_suffix(".md"))
+    append_history(report, args.out / "history.csv")
     if report.get("gap_loss", {}).get("sweep"):
         plot_sweep(report, Path(str(stem) + "-gap-sweep.png"))
     log(f"wrote {stem}.json/.md")

@@ -10,8 +10,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "gap_loss.h"
 #include "projector.h"
@@ -160,19 +163,19 @@ std::tuple<at::Tensor, at::Tensor> masked_mean_forward(const at::Tensor& x, cons
   return {mean, inv_count};
 }
 
+// One side of broadcast_rows as Python passes it: regap_fast._primitives.BroadcastSide, a NamedTuple
+// (inv [B], rows, mask [B, rows] or None, sign); None: the side is not needed.
+using SideArg = std::optional<std::tuple<at::Tensor, int64_t, std::optional<at::Tensor>, double>>;
+
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> broadcast_rows(
-    const at::Tensor& v, const at::Tensor& g, const at::Tensor& w, const at::Tensor& inv_a, const at::Tensor& inv_t,
-    int64_t n_a, int64_t n_t, const std::optional<at::Tensor>& mask_a, const std::optional<at::Tensor>& mask_t,
-    at::ScalarType dtype, bool need_a, bool need_t, double sign_t) {
+    const at::Tensor& v, const at::Tensor& g, const at::Tensor& w, const SideArg& side_a, const SideArg& side_t,
+    at::ScalarType dtype) {
   const at::Device device = v.device();
   check_cuda_tensor(v, "v", device);
   TORCH_CHECK(v.dim() == 2 && v.size(0) > 0 && v.size(1) > 0, "v must have shape [B, D] with B, D > 0, got ",
               v.sizes());
   const int64_t batch = v.size(0), dim = v.size(1);
   const regap::DType out_dtype = kernel_dtype(dtype, "dtype");
-  TORCH_CHECK(n_a >= 0 && n_t >= 0, "n_a and n_t must be >= 0, got ", n_a, " and ", n_t);
-  if (need_a) check_mask(mask_a, "mask_a", batch, n_a, device);
-  if (need_t) check_mask(mask_t, "mask_t", batch, n_t, device);
 
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor vf = v.scalar_type() == at::kFloat ? v : v.to(at::kFloat);
@@ -190,12 +193,14 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> broadcast_rows(
 
   // Keeps the fp32 views of inv alive until the launch.
   std::optional<at::Tensor> inv_keep[2];
-  auto side = [&](bool needed, const std::optional<at::Tensor>& mask, int64_t n, const at::Tensor& inv,
-                  float sign, const char* inv_name, int which, std::optional<at::Tensor>* out) {
+  auto side = [&](const SideArg& arg, const char* name, int which, std::optional<at::Tensor>* out) {
     regap::BroadcastSide s;
-    if (!needed) return s;
-    *out = at::empty({batch, mask.has_value() ? n : 1, dim}, v.options().dtype(dtype));
-    const auto [invf, inv_stride] = per_sample(inv, inv_name, batch, device);
+    if (!arg.has_value()) return s;
+    const auto& [inv, rows, mask, sign] = *arg;
+    TORCH_CHECK(rows >= 0, name, ".rows must be >= 0, got ", rows);
+    check_mask(mask, name, batch, rows, device);
+    *out = at::empty({batch, mask.has_value() ? rows : 1, dim}, v.options().dtype(dtype));
+    const auto [invf, inv_stride] = per_sample(inv, name, batch, device);
     inv_keep[which] = invf;
     s.out = (*out)->data_ptr();
     s.rows = (*out)->size(1);
@@ -206,12 +211,12 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> broadcast_rows(
     }
     s.inv = invf.data_ptr<float>();
     s.inv_stride = inv_stride;
-    s.sign = sign;
+    s.sign = static_cast<float>(sign);
     return s;
   };
   std::optional<at::Tensor> out_a, out_t;
-  const regap::BroadcastSide a = side(need_a, mask_a, n_a, inv_a, 1.0f, "inv_a", 0, &out_a);
-  const regap::BroadcastSide t = side(need_t, mask_t, n_t, inv_t, static_cast<float>(sign_t), "inv_t", 1, &out_t);
+  const regap::BroadcastSide a = side(side_a, "side_a", 0, &out_a);
+  const regap::BroadcastSide t = side(side_t, "side_t", 1, &out_t);
   check_launch(regap::broadcast_rows(vec, a, t, batch, dim, out_dtype, at::cuda::getCurrentCUDAStream()),
                "broadcast_rows");
   return {out_a, out_t};
@@ -232,13 +237,11 @@ void bind_gap_loss(pybind11::module_& m) {
         "masked_mean_forward(x, mask) -> (mean [B, D], inv_count [B]), both fp32; x [B, N, D], mask [B, N] or None.",
         py::arg("x"), py::arg("mask"));
   m.def("broadcast_rows", &broadcast_rows,
-        "broadcast_rows(v, g, w, inv_a, inv_t, n_a, n_t, mask_a, mask_t, dtype, need_a, need_t, sign_t)"
-        " -> (out_a, out_t)\n\n"
-        "out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows (0 on masked rows), out_t likewise times sign_t.\n"
-        "g and w are 0-d or [B]; a side without a mask comes back as [B, 1, D]; a side not needed as None.",
-        py::arg("v"), py::arg("g"), py::arg("w"), py::arg("inv_a"), py::arg("inv_t"), py::arg("n_a"),
-        py::arg("n_t"), py::arg("mask_a"), py::arg("mask_t"), py::arg("dtype"), py::arg("need_a"),
-        py::arg("need_t"), py::arg("sign_t"));
+        "broadcast_rows(v, g, w, side_a, side_t, dtype) -> (out_a, out_t)\n\n"
+        "For each side (inv [B], rows, mask [B, rows] or None, sign), or None when not needed:\n"
+        "out[b, n] = sign g[b] w[b] inv[b] v[b] on valid rows (0 on masked rows). g and w are 0-d or [B];\n"
+        "a side without a mask comes back as [B, 1, D]; a side not needed as None.",
+        py::arg("v"), py::arg("g"), py::arg("w"), py::arg("side_a"), py::arg("side_t"), py::arg("dtype"));
 }
 
 // --------------------------------------------------------------------------------------------------
@@ -450,8 +453,27 @@ void bind_text_pool(pybind11::module_& m) {
 
 }  // namespace
 
+// The GPU code this module holds (setup.py / CMakeLists.txt pass it): "sm_80,sm_90,compute_90".
+#ifndef REGAP_FAST_CUDA_ARCHS
+#define REGAP_FAST_CUDA_ARCHS
+#endif
+#define REGAP_STRINGIFY_(...) #__VA_ARGS__
+#define REGAP_STRINGIFY(...) REGAP_STRINGIFY_(__VA_ARGS__)
+
+std::vector<std::string> cuda_archs() {
+  std::vector<std::string> out;
+  std::string all = REGAP_STRINGIFY(REGAP_FAST_CUDA_ARCHS);
+  for (size_t start = 0; start < all.size();) {
+    const size_t end = std::min(all.find(',', start), all.size());
+    if (end > start) out.push_back(all.substr(start, end - start));
+    start = end + 1;
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "regap_fast CUDA kernels (the `cuda` backend); see regap_fast/_cuda_backend.py";
+  m.def("cuda_archs", &cuda_archs, "The GPU architectures compiled in: SASS as sm_XY, PTX as compute_XY.");
   bind_gap_loss(m);
   bind_projector(m);
   bind_text_pool(m);

@@ -23,7 +23,36 @@ namespace regap {
 
 constexpr int kWarpSize = 32;
 
+// The row kernels of every file (pooling, broadcast, projector epilogues, caption gather) share one
+// block shape: 8 warps, each on its own rows, issuing kUnroll independent row loads before it uses any.
+constexpr int kRowGroups = 8;
+constexpr int kRowThreads = kWarpSize * kRowGroups;  // 256 threads
+constexpr int kUnroll = 4;
+
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// --------------------------------------------------------------------------------------------------
+// counts and means: one formula on every backend (regap_fast/reference.py mean_from_sum)
+// --------------------------------------------------------------------------------------------------
+
+// s / n, correctly rounded, 0 for n == 0. Not s * (1 / n): equal means over different counts must
+// give bitwise-equal floats (21 * fl(1/7) != 3 in fp32), or a zero gap leaves a gradient.
+__device__ __forceinline__ float mean_from_sum(float s, unsigned long long n) {
+  return n > 0 ? __fdiv_rn(s, float(n)) : 0.0f;
+}
+
+// 1 / n, 0 for n == 0: the per-sample scale of the backward's broadcast vector.
+__device__ __forceinline__ float inv_or_zero(unsigned long long n) { return n > 0 ? 1.0f / float(n) : 0.0f; }
+
+// Which of the `count` rows first, first + step, ... (lane k tests row first + k * step) are valid,
+// as a warp ballot; mask == nullptr: every row is.
+__device__ __forceinline__ unsigned warp_valid_rows(int64_t first, int64_t step, int64_t count, const uint8_t* mask,
+                                                    int64_t mask_stride) {
+  const int lane = threadIdx.x % kWarpSize;
+  bool ok = lane < count;
+  if (ok && mask != nullptr) ok = mask[(first + int64_t(lane) * step) * mask_stride] != 0;
+  return __ballot_sync(0xffffffffu, ok);
+}
 
 // --------------------------------------------------------------------------------------------------
 // element conversion (all arithmetic is fp32)

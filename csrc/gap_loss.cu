@@ -23,9 +23,6 @@
 namespace regap {
 namespace {
 
-constexpr int kRowGroups = 8;                          // warps per block, each on its own rows
-constexpr int kRowThreads = kWarpSize * kRowGroups;    // 256 threads
-constexpr int kUnroll = 4;                             // independent row loads in flight per thread
 constexpr int kFinishThreads = 1024;  // one block per sample: D = 4096 is one float4 per thread
 constexpr int kReduceThreads = 256;
 constexpr int kMeanThreads = 256;
@@ -72,13 +69,10 @@ struct RowsSide {
   int64_t chunks;
 };
 
-// The valid rows among the next 32 that this warp handles (r0, r0 + 8, ..., r0 + 248), as a bit
-// mask: lane k tests row r0 + 8k, one mask byte per lane, and the ballot gathers the answers.
+// The valid rows among the next 32 that this warp handles (r0, r0 + 8, ..., r0 + 248), as a bit mask.
 __device__ __forceinline__ unsigned valid_rows(int64_t r0, int64_t end, const uint8_t* mask_row,
                                                int64_t mask_stride_n) {
-  const int64_t r = r0 + int64_t(threadIdx.x % kWarpSize) * kRowGroups;
-  const bool ok = r < end && (mask_row == nullptr || mask_row[r * mask_stride_n] != 0);
-  return __ballot_sync(0xffffffffu, ok);
+  return warp_valid_rows(r0, kRowGroups, ceil_div(end - r0, kRowGroups), mask_row, mask_stride_n);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -170,14 +164,11 @@ __device__ __forceinline__ uint8_t first_mask_byte(const MaskView& m, int64_t b)
   return (m.mask != nullptr && threadIdx.x < m.rows) ? m.mask[b * m.stride_b + threadIdx.x * m.stride_n] : 0;
 }
 
-__device__ __forceinline__ float inv_or_zero(unsigned long long n) { return n > 0 ? 1.0f / float(n) : 0.0f; }
-
-// 1 / (number of valid rows of sample b), or 0 when there is none; the whole block calls it and
-// every thread gets the value.
+// The number of valid rows of sample b; the whole block calls it and every thread gets the value.
 template <int THREADS>
-__device__ __forceinline__ float inv_count(const MaskView& m, int64_t b, unsigned long long* scratch) {
-  if (m.mask == nullptr) return inv_or_zero(m.rows);
-  return inv_or_zero(block_sum<THREADS>(thread_count<THREADS>(m, b, threadIdx.x), scratch));
+__device__ __forceinline__ unsigned long long valid_count(const MaskView& m, int64_t b, unsigned long long* scratch) {
+  if (m.mask == nullptr) return m.rows;
+  return block_sum<THREADS>(thread_count<THREADS>(m, b, threadIdx.x), scratch);
 }
 
 // acc += the `count` partial-sum rows at p, p + dim, ... (VEC fp32 each, aligned to VEC * 4 bytes)
@@ -206,12 +197,12 @@ __device__ __forceinline__ void sum_partials(const float* part, int64_t c, int64
 
 // mu_a - mu_t for one column vector, and its contribution to the squared norm
 template <int VEC>
-__device__ __forceinline__ void mean_difference(float (&sa)[VEC], const float (&st)[VEC], float inv_a, float inv_t,
-                                                bool valid, float* sumsq) {
+__device__ __forceinline__ void mean_difference(float (&sa)[VEC], const float (&st)[VEC], unsigned long long n_a,
+                                                unsigned long long n_t, bool valid, float* sumsq) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
-    // explicit roundings, no FMA contraction: two equal means must give exactly 0 (zero gap)
-    sa[i] = valid ? __fsub_rn(__fmul_rn(sa[i], inv_a), __fmul_rn(st[i], inv_t)) : 0.0f;
+    // two correctly rounded means: equal means give exactly 0 (a zero gap has zero gradient)
+    sa[i] = valid ? __fsub_rn(mean_from_sum(sa[i], n_a), mean_from_sum(st[i], n_t)) : 0.0f;
     *sumsq += sa[i] * sa[i];
   }
 }
@@ -251,19 +242,19 @@ __global__ void __launch_bounds__(kFinishThreads)
                               ((thread_count<kFinishThreads>(mask_t, b, threadIdx.x + kFinishThreads) + (first_t != 0))
                                << 32);
   if (mask_a.mask != nullptr || mask_t.mask != nullptr) packed = block_sum<kFinishThreads>(packed, count_scratch);
-  const float inv_a = inv_or_zero(mask_a.mask != nullptr ? packed & 0xffffffffull : (unsigned long long)mask_a.rows);
-  const float inv_t = inv_or_zero(mask_t.mask != nullptr ? packed >> 32 : (unsigned long long)mask_t.rows);
-  const bool valid = inv_a > 0.0f && inv_t > 0.0f;
+  const unsigned long long n_a = mask_a.mask != nullptr ? packed & 0xffffffffull : (unsigned long long)mask_a.rows;
+  const unsigned long long n_t = mask_t.mask != nullptr ? packed >> 32 : (unsigned long long)mask_t.rows;
+  const bool valid = n_a > 0 && n_t > 0;
 
   float sumsq = 0.0f;
   if constexpr (GROUPS > 0) {
 #pragma unroll
     for (int g = 0; g < GROUPS; ++g)
-      if (column(g) < dim) mean_difference<VEC>(sa[g], st[g], inv_a, inv_t, valid, &sumsq);
+      if (column(g) < dim) mean_difference<VEC>(sa[g], st[g], n_a, n_t, valid, &sumsq);
   } else {
     for (int64_t c = column(0); c < dim; c += int64_t(kFinishThreads) * VEC) {
       sum_partials<VEC>(part, c, num_slots, chunks_a, dim, sa[0], st[0]);
-      mean_difference<VEC>(sa[0], st[0], inv_a, inv_t, valid, &sumsq);
+      mean_difference<VEC>(sa[0], st[0], n_a, n_t, valid, &sumsq);
       *reinterpret_cast<RawVec<float, VEC>*>(dir + c) = pack<float, VEC>(sa[0]);
     }
   }
@@ -289,8 +280,8 @@ __global__ void __launch_bounds__(kFinishThreads)
   }
   if (threadIdx.x == 0) {
     gaps[b] = gap;
-    stats[b] = inv_a;
-    stats[batch + b] = inv_t;
+    stats[b] = inv_or_zero(n_a);
+    stats[batch + b] = inv_or_zero(n_t);
     stats[2 * batch + b] = valid ? 1.0f : 0.0f;
   }
 }
@@ -332,7 +323,7 @@ __global__ void __launch_bounds__(kMeanThreads)
   __shared__ unsigned long long scratch[kMeanThreads / kWarpSize];
   wait_for_previous_grid();
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    const float inv = inv_count<kMeanThreads>(mask, b, scratch);  // recounted per column block: N bytes
+    const unsigned long long n = valid_count<kMeanThreads>(mask, b, scratch);  // recounted per column block: N bytes
     const int64_t c = (int64_t(blockIdx.x) * kMeanThreads + threadIdx.x) * VEC;
     if (c < dim) {
       float acc[VEC];
@@ -340,10 +331,10 @@ __global__ void __launch_bounds__(kMeanThreads)
       for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
       add_partials<VEC>(acc, partial + b * num_slots * dim + c, num_slots, dim);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] *= inv;
+      for (int i = 0; i < VEC; ++i) acc[i] = mean_from_sum(acc[i], n);
       *reinterpret_cast<RawVec<float, VEC>*>(out + b * dim + c) = pack<float, VEC>(acc);
     }
-    if (blockIdx.x == 0 && threadIdx.x == 0) inv_out[b] = inv;
+    if (blockIdx.x == 0 && threadIdx.x == 0) inv_out[b] = inv_or_zero(n);
   }
 }
 

@@ -38,11 +38,8 @@
 namespace regap {
 namespace {
 
-constexpr int kRowGroups = 8;                        // warps per block
-constexpr int kThreads = kWarpSize * kRowGroups;     // 256 threads
-// Rows whose loads are issued before any is used: 4 in the forward (one tensor), 2 in the backward
-// (two tensors: dh and pre), i.e. 64 bytes in flight per lane either way.
-constexpr int kUnroll = 4;
+// Rows whose loads are issued before any is used: kUnroll (common.cuh) = 4 in the forward (one
+// tensor), 2 in the backward (two tensors: dh and pre), i.e. 64 bytes in flight per lane either way.
 constexpr int kBwdUnroll = 2;
 // Blocks per SM the row kernels are compiled for: a cap of 65536 / (256 * 3) = 85 -> 80 registers per
 // thread. The exact-erf GELU (about 25 fp32 instructions an element; GELU' about 50) on 8 elements of
@@ -105,16 +102,6 @@ __device__ __forceinline__ void store_floats(float* p, const float (&v)[VEC]) {
   }
 }
 
-// Bit k (k < count): row first + k * step is valid (in range by construction; mask byte set or no
-// mask). Lane k loads one mask byte; the ballot gathers them. The whole warp calls it.
-__device__ __forceinline__ unsigned valid_bits(int64_t first, int64_t step, int count, const uint8_t* mask,
-                                               int64_t mask_stride) {
-  const int lane = threadIdx.x % kWarpSize;
-  bool ok = lane < count;
-  if (ok && mask != nullptr) ok = mask[(first + int64_t(lane) * step) * mask_stride] != 0;
-  return __ballot_sync(0xffffffffu, ok);
-}
-
 // dst[c] = sum over the 8 warps (in order) of their acc, for the cols_here columns of this block's
 // strip. The whole block calls it; the closing barrier lets `scratch` be reused at once.
 template <int VEC>
@@ -125,7 +112,7 @@ __device__ __forceinline__ void block_column_sum(float (*scratch)[kWarpSize * VE
 #pragma unroll
   for (int i = 0; i < VEC; ++i) scratch[warp][lane * VEC + i] = acc[i];
   __syncthreads();
-  for (int c = threadIdx.x; c < cols_here; c += kThreads) {
+  for (int c = threadIdx.x; c < cols_here; c += kRowThreads) {
     float s = scratch[0][c];
 #pragma unroll
     for (int w = 1; w < kRowGroups; ++w) s += scratch[w][c];
@@ -179,7 +166,7 @@ __device__ __forceinline__ void gelu_rows(const T* pre, int64_t pre_stride, T* h
                                           int64_t end, float (&acc)[VEC]) {
   for (int64_t r0 = first; r0 < end; r0 += int64_t(kWarpSize) * STEP) {
     const int here = int(min(int64_t(kWarpSize), ceil_div(end - r0, STEP)));  // rows of this group
-    const unsigned valid = pool ? valid_bits(r0, STEP, here, mask, mask_stride) : 0u;
+    const unsigned valid = pool ? warp_valid_rows(r0, STEP, here, mask, mask_stride) : 0u;
     for (int k = 0; k < here; k += kUnroll) {  // warp-uniform
       RawVec<T, VEC> raw[kUnroll];
 #pragma unroll
@@ -205,7 +192,7 @@ __device__ __forceinline__ void gelu_rows(const T* pre, int64_t pre_stride, T* h
 // --------------------------------------------------------------------------------------------------
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gelu_pool_block_kernel(FwdParams p) {
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks) gelu_pool_block_kernel(FwdParams p) {
   __shared__ float scratch[kRowGroups][kWarpSize * VEC];
   wait_for_previous_grid();
   const int warp = threadIdx.x / kWarpSize;
@@ -250,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gelu_pool_block_kernel(F
 // --------------------------------------------------------------------------------------------------
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gelu_pool_warp_kernel(FwdParams p) {
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks) gelu_pool_warp_kernel(FwdParams p) {
   wait_for_previous_grid();
   const int warp = threadIdx.x / kWarpSize;
   const Strip s = strip<VEC>(p.cols);
@@ -270,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gelu_pool_warp_kernel(Fw
     zero<VEC>(acc);
     for (int64_t r0 = begin; r0 < end; r0 += kWarpSize) {
       const int here = int(min(int64_t(kWarpSize), end - r0));
-      const unsigned valid = valid_bits(r0, 1, here, p.mask, p.mask_stride);
+      const unsigned valid = warp_valid_rows(r0, 1, here, p.mask, p.mask_stride);
       for (int k = 0; k < here; k += kUnroll) {
         RawVec<T, VEC> raw[kUnroll];
 #pragma unroll
@@ -321,7 +308,7 @@ struct BwdParams {
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) dgelu_kernel(BwdParams p) {
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks) dgelu_kernel(BwdParams p) {
   __shared__ float scratch[kRowGroups][kWarpSize * VEC];
   wait_for_previous_grid();
   const int lane = threadIdx.x % kWarpSize;
@@ -403,13 +390,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) dgelu_kernel(BwdParams p
 // finish: out[o, :] = sum over j < pieces (in order) of in[o * pieces + j, :]
 // --------------------------------------------------------------------------------------------------
 
-// GROUPS row groups of kThreads / GROUPS columns each: GROUPS = 1 for a few pieces per output,
+// GROUPS row groups of kRowThreads / GROUPS columns each: GROUPS = 1 for a few pieces per output,
 // 8 for many (the bias gradient: one output, one piece per row chunk).
 template <int GROUPS>
-__global__ void __launch_bounds__(kThreads) sum_pieces_kernel(const float* __restrict__ in, int64_t pieces,
+__global__ void __launch_bounds__(kRowThreads) sum_pieces_kernel(const float* __restrict__ in, int64_t pieces,
                                                               int64_t outputs, int64_t cols,
                                                               float* __restrict__ out) {
-  constexpr int kCols = kThreads / GROUPS;
+  constexpr int kCols = kRowThreads / GROUPS;
   __shared__ float scratch[GROUPS][kCols];
   wait_for_previous_grid();
   const int g = threadIdx.x / kCols;
@@ -454,7 +441,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <template <typename, int> class Family, typename T>
 cudaError_t family_resident(int vec, int* blocks) {
   return dispatch_vec<T>(vec, [&](auto vec_c) {
-    return resident_blocks<Family<T, decltype(vec_c)::value>::kernel, kThreads>(blocks);
+    return resident_blocks<Family<T, decltype(vec_c)::value>::kernel, kRowThreads>(blocks);
   });
 }
 
@@ -476,11 +463,11 @@ cudaError_t launch_sum_pieces(const float* in, int64_t pieces, int64_t outputs, 
                               cudaStream_t stream) {
   if (outputs <= 0 || cols <= 0) return cudaSuccess;
   if (pieces >= 16) {
-    const dim3 grid(unsigned(ceil_div(cols, kThreads / 8)), grid_y(outputs));
-    return launch(sum_pieces_kernel<8>, grid, kThreads, stream, in, pieces, outputs, cols, out);
+    const dim3 grid(unsigned(ceil_div(cols, kRowThreads / 8)), grid_y(outputs));
+    return launch(sum_pieces_kernel<8>, grid, kRowThreads, stream, in, pieces, outputs, cols, out);
   }
-  const dim3 grid(unsigned(ceil_div(cols, kThreads)), grid_y(outputs));
-  return launch(sum_pieces_kernel<1>, grid, kThreads, stream, in, pieces, outputs, cols, out);
+  const dim3 grid(unsigned(ceil_div(cols, kRowThreads)), grid_y(outputs));
+  return launch(sum_pieces_kernel<1>, grid, kRowThreads, stream, in, pieces, outputs, cols, out);
 }
 
 }  // namespace
@@ -553,8 +540,8 @@ cudaError_t gelu_pool_forward(const GeluPoolArgs& a, DType dtype, const GeluPool
     return dispatch_vec<T>(plan.vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       const dim3 grid(unsigned(column_strips(a.cols, VEC)), grid_y(plan.chunks));
-      if (plan.warp_samples) return launch(gelu_pool_warp_kernel<T, VEC>, grid, kThreads, stream, p);
-      return launch(gelu_pool_block_kernel<T, VEC>, grid, kThreads, stream, p);
+      if (plan.warp_samples) return launch(gelu_pool_warp_kernel<T, VEC>, grid, kRowThreads, stream, p);
+      return launch(gelu_pool_block_kernel<T, VEC>, grid, kRowThreads, stream, p);
     });
   }));
   if (plan.partial_rows() > 0)
@@ -602,7 +589,7 @@ cudaError_t dgelu_backward(const DGeluArgs& a, DType dtype, const DGeluPlan& pla
     return dispatch_vec<T>(plan.vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       const dim3 grid(unsigned(column_strips(a.cols, VEC)), grid_y(plan.chunks));
-      return launch(dgelu_kernel<T, VEC>, grid, kThreads, stream, p);
+      return launch(dgelu_kernel<T, VEC>, grid, kRowThreads, stream, p);
     });
   }));
   if (plan.partial_rows() > 0) return launch_sum_pieces(partial, plan.chunks, 1, a.cols, a.dbias, stream);

@@ -22,9 +22,6 @@
 namespace regap {
 namespace {
 
-constexpr int kRowGroups = 8;
-constexpr int kThreads = kWarpSize * kRowGroups;  // 256
-constexpr int kUnroll = 4;                        // row loads in flight per thread
 // 4 blocks (32 warps) per SM, at most 64 registers: with that budget ptxas issues all kUnroll row
 // loads before the first add (sm_90, CUDA 13.0); left free it aims at 64 warps, caps itself at 32
 // registers and serialises the loads (one row in flight per warp).
@@ -53,7 +50,7 @@ __device__ __forceinline__ RawVec<T, VEC> load_row(const T* p) {
 }
 
 template <typename T, typename IdT, int VEC>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) gather_pool_kernel(GatherParams p, float* __restrict__ partial,
+__global__ void __launch_bounds__(kRowThreads, kMinBlocks) gather_pool_kernel(GatherParams p, float* __restrict__ partial,
                                                                unsigned* __restrict__ counts, float* __restrict__ mean,
                                                                float* __restrict__ inv_count) {
   __shared__ float scratch[kRowGroups][kWarpSize * VEC];
@@ -106,19 +103,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gather_pool_kernel(Gathe
     unsigned total = 0;
 #pragma unroll
     for (int g = 0; g < kRowGroups; ++g) total += count_scratch[g];
-    const float inv = total > 0 ? 1.0f / float(total) : 0.0f;
-    for (int64_t c = threadIdx.x; c < cols_here; c += kThreads) {
+
+    for (int64_t c = threadIdx.x; c < cols_here; c += kRowThreads) {
       float s = scratch[0][c];
 #pragma unroll
       for (int g = 1; g < kRowGroups; ++g) s += scratch[g][c];
       if (p.chunks == 1)
-        mean[b * p.dim + col0 + c] = s * inv;  // 0 for an empty sample (s = 0, inv = 0)
+        mean[b * p.dim + col0 + c] = mean_from_sum(s, total);
       else
         partial[(b * p.chunks + chunk) * p.dim + col0 + c] = s;
     }
     if (blockIdx.x == 0 && threadIdx.x == 0) {
       if (p.chunks == 1)
-        inv_count[b] = inv;
+        inv_count[b] = inv_or_zero(total);
       else
         counts[b * p.chunks + chunk] = total;
     }
@@ -137,15 +134,14 @@ __global__ void __launch_bounds__(kFinishThreads)
     unsigned long long n = 0;
     for (int64_t j = threadIdx.x; j < chunks; j += kFinishThreads) n += counts[b * chunks + j];
     n = block_sum<kFinishThreads>(n, scratch);
-    const float inv = n > 0 ? 1.0f / float(n) : 0.0f;
     if (c < dim) {
       const float* src = partial + b * chunks * dim + c;
       float s = 0.0f;
 #pragma unroll 4
       for (int64_t j = 0; j < chunks; ++j) s += src[j * dim];
-      mean[b * dim + c] = s * inv;
+      mean[b * dim + c] = mean_from_sum(s, n);
     }
-    if (blockIdx.x == 0 && threadIdx.x == 0) inv_count[b] = inv;
+    if (blockIdx.x == 0 && threadIdx.x == 0) inv_count[b] = inv_or_zero(n);
   }
 }
 
@@ -175,7 +171,7 @@ cudaError_t plan_gather_mean(const GatherArgs& a, DType dtype, GatherPlan* plan)
     return dispatch_ids(a.ids_int64, [&](auto id_tag) {
       using IdT = decltype(id_tag);
       return dispatch_vec<T>(plan->vec, [&](auto vec_c) {
-        return resident_blocks<gather_pool_kernel<T, IdT, decltype(vec_c)::value>, kThreads>(&resident);
+        return resident_blocks<gather_pool_kernel<T, IdT, decltype(vec_c)::value>, kRowThreads>(&resident);
       });
     });
   }));
@@ -206,7 +202,7 @@ cudaError_t gather_mean_forward(const GatherArgs& a, DType dtype, const GatherPl
         constexpr int VEC = decltype(vec_c)::value;
         // at least one column block: with dim == 0 the kernel still writes inv_count
         const dim3 grid(unsigned(std::max<int64_t>(1, column_strips(a.dim, VEC))), unsigned(plan.chunks), grid_b);
-        return launch(gather_pool_kernel<T, IdT, VEC>, grid, kThreads, stream, p, partial, counts, mean,
+        return launch(gather_pool_kernel<T, IdT, VEC>, grid, kRowThreads, stream, p, partial, counts, mean,
                       inv_count);
       });
     });

@@ -3,7 +3,7 @@
 Installed as ``regap_fast.kernels.gap_loss`` (the top-level ``kernels/`` folder is mapped into the
 ``regap_fast`` namespace by setup.py; it is not a top-level package of its own).
 
-Pass structure (see DESIGN.md section 1):
+Pass structure (docs/design.md, "The gap loss"):
 
 forward   1. ``_pool_partial_kernel``  reads every valid token of both sides once and writes fp32
              partial sums ``[B, S, D]`` (``S`` token chunks per sample, so that small batches still
@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from regap_fast._primitives import BroadcastSide
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -85,8 +87,8 @@ def _pool_partial_kernel(
 
 
 @triton.jit
-def _inv_count(m_ptr, b, n_tokens, stride_mb, stride_mn, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """1 / (number of valid tokens of sample b), or 0 when there is none."""
+def _valid_count(m_ptr, b, n_tokens, stride_mb, stride_mn, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """The number of valid tokens of sample b (fp32; exact below 2^24)."""
     if HAS_MASK:
         cnt = tl.zeros([BLOCK], dtype=tl.int32)
         for n0 in range(0, n_tokens, BLOCK):
@@ -97,7 +99,19 @@ def _inv_count(m_ptr, b, n_tokens, stride_mb, stride_mn, HAS_MASK: tl.constexpr,
     else:
         # n_tokens may arrive as a compile-time constant (Triton specialises 1): make it a tensor
         n = tl.max(tl.zeros([1], dtype=tl.float32) + n_tokens, axis=0)
+    return n
+
+
+@triton.jit
+def _inv_or_zero(n):
     return tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
+
+
+@triton.jit
+def _mean_from_sum(s, n):
+    """s / n, correctly rounded (not s * (1/n), and not Triton's approximate fp32 `/`), 0 for n = 0:
+    the one formula for a mean on every backend (regap_fast.reference.mean_from_sum)."""
+    return tl.where(n > 0, tl.math.div_rn(s, tl.maximum(n, 1.0)), 0.0)
 
 
 @triton.jit
@@ -114,9 +128,9 @@ def _gap_finish_kernel(
     """
     b = tl.program_id(0)
     b64 = b.to(tl.int64)
-    inv_a = _inv_count(am_ptr, b, n_a, stride_amb, stride_amn, A_MASK, BLOCK_M)
-    inv_t = _inv_count(tm_ptr, b, n_t, stride_tmb, stride_tmn, T_MASK, BLOCK_M)
-    valid = (inv_a > 0) & (inv_t > 0)
+    cnt_a = _valid_count(am_ptr, b, n_a, stride_amb, stride_amn, A_MASK, BLOCK_M)
+    cnt_t = _valid_count(tm_ptr, b, n_t, stride_tmb, stride_tmn, T_MASK, BLOCK_M)
+    valid = (cnt_a > 0) & (cnt_t > 0)
     sumsq = tl.zeros([BLOCK_D], dtype=tl.float32)
     for d0 in range(0, n_dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -127,10 +141,8 @@ def _gap_finish_kernel(
         st = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s in range(chunks_a, chunks_a + chunks_t):
             st += tl.load(part_ptr + b64 * stride_pb + s * stride_ps + cols, mask=ok, other=0.0)
-        # (sa - st * n_a/n_t) / n_a: exactly 0 for equal sums over equal counts, whatever the FMA
-        # contraction (sa * inv_a - st * inv_t can leave a rounding residue there)
-        ratio = inv_t / tl.where(valid, inv_a, 1.0)
-        diff = tl.where(valid, (sa - st * ratio) * inv_a, 0.0)
+        # two correctly rounded means: equal means give exactly 0 (a zero gap, zero gradient)
+        diff = tl.where(valid, _mean_from_sum(sa, cnt_a) - _mean_from_sum(st, cnt_t), 0.0)
         sumsq += diff * diff
         # stash the raw difference; it is turned into the direction below
         tl.store(dir_ptr + b64 * n_dim + cols, diff, mask=ok)
@@ -148,8 +160,8 @@ def _gap_finish_kernel(
         diff = tl.load(dir_ptr + b64 * n_dim + cols, mask=ok, other=0.0)
         tl.store(dir_ptr + b64 * n_dim + cols, diff * scale, mask=ok)
     tl.store(gap_ptr + b, gap)
-    tl.store(stats_ptr + b, inv_a)
-    tl.store(stats_ptr + n_batch + b, inv_t)
+    tl.store(stats_ptr + b, _inv_or_zero(cnt_a))
+    tl.store(stats_ptr + n_batch + b, _inv_or_zero(cnt_t))
     tl.store(stats_ptr + 2 * n_batch + b, valid.to(tl.float32))
 
 
@@ -210,12 +222,12 @@ def _broadcast_rows_kernel(
     stride_oab, stride_oan, stride_oad, stride_amb, stride_amn,
     stride_otb, stride_otn, stride_otd, stride_tmb, stride_tmn,
     stride_vb, stride_vd, stride_g, stride_w,
-    SIGN_T: tl.constexpr, A_MASK: tl.constexpr, T_MASK: tl.constexpr,
+    SIGN_A: tl.constexpr, SIGN_T: tl.constexpr, A_MASK: tl.constexpr, T_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (D blocks, chunks of a + chunks of t, B). Writes, for each valid row n of sample b,
 
-        out_a[b, n] = g[b] * w[b] * inv_a[b] * v[b]          (side a)
+        out_a[b, n] = SIGN_A * g[b] * w[b] * inv_a[b] * v[b] (side a)
         out_t[b, n] = SIGN_T * g[b] * w[b] * inv_t[b] * v[b] (side t)
 
     and zero for masked-out rows. A side with no mask is given as a [B, 1, D] output (n = 1).
@@ -225,7 +237,7 @@ def _broadcast_rows_kernel(
     b = tl.program_id(2)
     base = tl.load(g_ptr + b * stride_g).to(tl.float32) * tl.load(w_ptr + b * stride_w)
     if pid_s < chunks_a:
-        coef = base * tl.load(inv_a_ptr + b)
+        coef = SIGN_A * base * tl.load(inv_a_ptr + b)
         _broadcast_chunk(oa_ptr, am_ptr, v_ptr, b, pid_d, pid_s, coef, n_a, n_dim, chunk_tokens,
                          stride_oab, stride_oan, stride_oad, stride_amb, stride_amn, stride_vb, stride_vd,
                          A_MASK, BLOCK_N, BLOCK_D)
@@ -245,15 +257,15 @@ def _mean_finish_kernel(
     """Grid (D blocks, B): out[b] = sum of the partial sums * 1/n (0 for an empty row)."""
     pid_d = tl.program_id(0)
     b = tl.program_id(1)
-    inv = _inv_count(m_ptr, b, n_tokens, stride_mb, stride_mn, HAS_MASK, BLOCK_M)
+    cnt = _valid_count(m_ptr, b, n_tokens, stride_mb, stride_mn, HAS_MASK, BLOCK_M)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = cols < n_dim
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in range(0, chunks):
         acc += tl.load(part_ptr + b.to(tl.int64) * stride_pb + s * stride_ps + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + b.to(tl.int64) * n_dim + cols, acc * inv, mask=ok)
+    tl.store(out_ptr + b.to(tl.int64) * n_dim + cols, _mean_from_sum(acc, cnt), mask=ok)
     if pid_d == 0:
-        tl.store(inv_ptr + b, inv)
+        tl.store(inv_ptr + b, _inv_or_zero(cnt))
 
 
 @triton.jit
@@ -281,10 +293,9 @@ def _gather_mean_kernel(
         acc += rows.to(tl.float32)
         cnt += ok.to(tl.int32)
     n = tl.sum(cnt, axis=0).to(tl.float32)
-    inv = tl.where(n > 0, 1.0 / tl.maximum(n, 1.0), 0.0)
-    tl.store(out_ptr + b * n_dim + cols, tl.sum(acc, axis=0) * inv, mask=col_ok)
+    tl.store(out_ptr + b * n_dim + cols, _mean_from_sum(tl.sum(acc, axis=0), n), mask=col_ok)
     if pid_d == 0:
-        tl.store(inv_ptr + b, inv)
+        tl.store(inv_ptr + b, _inv_or_zero(n))
 
 
 # True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run on
@@ -367,38 +378,45 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
     return loss, direction, stats
 
 
-def broadcast_rows(v, g, w, inv_a, inv_t, n_a: int, n_t: int, mask_a, mask_t,
-                   dtype: torch.dtype, need_a: bool, need_t: bool, sign_t: float):
-    """out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows, out_t likewise times sign_t.
+def broadcast_rows(v, g, w, side_a: BroadcastSide | None, side_t: BroadcastSide | None, dtype: torch.dtype):
+    """For each ``BroadcastSide``: out[b, n] = sign g[b] w[b] inv[b] v[b] on valid rows, 0 elsewhere.
 
     g and w are [B] or 0-d (broadcast) fp32 tensors. A side with no mask is returned as [B, 1, D]
-    (the caller expands it); a side not needed is None.
+    (the caller expands it); a side given as None as None.
     """
     B, D = v.shape
     dev = v.device
-    rows_a = (n_a if mask_a is not None else 1) if need_a else 0
-    rows_t = (n_t if mask_t is not None else 1) if need_t else 0
-    out_a = torch.empty((B, rows_a, D), device=dev, dtype=dtype) if need_a else None
-    out_t = torch.empty((B, rows_t, D), device=dev, dtype=dtype) if need_t else None
-    if not (need_a or need_t):
+
+    def output(side):
+        if side is None:
+            return None, 0
+        rows = side.rows if side.mask is not None else 1
+        return torch.empty((B, rows, D), device=dev, dtype=dtype), rows
+
+    out_a, rows_a = output(side_a)
+    out_t, rows_t = output(side_t)
+    if side_a is None and side_t is None:
         return out_a, out_t
     block_d = _block_d(D, torch.empty((), dtype=dtype).element_size())
     n_dblocks = triton.cdiv(D, block_d)
     chunk, (chunks_a, chunks_t) = _chunking(B, n_dblocks, (rows_a, rows_t), _BLOCK_N, dev)
-    chunks_a = chunks_a if need_a else 0
-    chunks_t = chunks_t if need_t else 0
-    oa = out_a if need_a else v
-    ot = out_t if need_t else v
-    am, s_amb, s_amn, a_has = _mask_args(mask_a if need_a else None, v)
-    tm, s_tmb, s_tmn, t_has = _mask_args(mask_t if need_t else None, v)
+    chunks_a = chunks_a if side_a is not None else 0
+    chunks_t = chunks_t if side_t is not None else 0
+    oa = out_a if out_a is not None else v
+    ot = out_t if out_t is not None else v
+    am, s_amb, s_amn, a_has = _mask_args(side_a.mask if side_a is not None else None, v)
+    tm, s_tmb, s_tmn, t_has = _mask_args(side_t.mask if side_t is not None else None, v)
+    inv_a = side_a.inv if side_a is not None else v
+    inv_t = side_t.inv if side_t is not None else v
     _broadcast_rows_kernel[(n_dblocks, chunks_a + chunks_t, B)](
         oa, am, ot, tm, v, g, w, inv_a, inv_t,
         rows_a, rows_t, D, chunk, chunks_a,
-        *(oa.stride() if need_a else (0, 0, 0)), s_amb, s_amn,
-        *(ot.stride() if need_t else (0, 0, 0)), s_tmb, s_tmn,
+        *(oa.stride() if out_a is not None else (0, 0, 0)), s_amb, s_amn,
+        *(ot.stride() if out_t is not None else (0, 0, 0)), s_tmb, s_tmn,
         v.stride(0), v.stride(1), g.stride(0) if g.dim() else 0, w.stride(0) if w.dim() else 0,
-        SIGN_T=sign_t, A_MASK=a_has, T_MASK=t_has, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
-        num_warps=4,
+        SIGN_A=side_a.sign if side_a is not None else 1.0, SIGN_T=side_t.sign if side_t is not None else 1.0,
+        A_MASK=a_has, T_MASK=t_has,
+        BLOCK_N=_BLOCK_N, BLOCK_D=block_d, num_warps=4,
     )
     return out_a, out_t
 

@@ -12,10 +12,23 @@ from .reference import gap_from_means, gap_loss_reference, masked_mean_reference
 
 __version__ = "0.1.0"
 
+# the transformers integration imports transformers (seconds): loaded on first use
+_INTEGRATION_NAMES = ("apply_regap", "remove_regap", "RegapCallback")
+
+
+def __getattr__(name):
+    if name in _INTEGRATION_NAMES:
+        from .integrations import transformers as integration
+        return getattr(integration, name)
+    raise AttributeError(f"module 'regap_fast' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailable",
+    "RegapCallback",
     "FusedLinearProjector",
     "FusedLlavaProjector",
+    "apply_regap",
     "fused_gap_loss",
     "gap_from_means",
     "gap_loss_reference",
@@ -23,4 +36,5 @@ __all__ = [
     "masked_mean_reference",
     "pooled_text_embeddings",
     "projector_gap_loss",
+    "remove_regap",
 ]

@@ -27,15 +27,11 @@ def masked_mean_forward(x, mask):
     return _C.masked_mean_forward(x, mask)
 
 
-def broadcast_rows(v, g, w, inv_a, inv_t, n_a: int, n_t: int, mask_a, mask_t,
-                   dtype: torch.dtype, need_a: bool, need_t: bool, sign_t: float):
-    """out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows, out_t likewise times sign_t.
-
-    g and w are [B] or 0-d (broadcast) fp32 tensors. A side with no mask is returned as [B, 1, D]
-    (the caller expands it); a side not needed is None.
-    """
-    return _C.broadcast_rows(v, g, w, inv_a, inv_t, int(n_a), int(n_t), mask_a, mask_t, dtype, bool(need_a),
-                             bool(need_t), float(sign_t))
+def broadcast_rows(v, g, w, side_a, side_t, dtype: torch.dtype):
+    """For each ``BroadcastSide``: out[b, n] = sign g[b] w[b] inv[b] v[b] on valid rows (0 on masked
+    rows). g and w are [B] or 0-d fp32 tensors. A side with no mask is returned as [B, 1, D] (the
+    caller expands it); a side given as None as None."""
+    return _C.broadcast_rows(v, g, w, side_a, side_t, dtype)
 
 
 # --------------------------------------------------------------------------------------------------

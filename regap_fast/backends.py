@@ -13,14 +13,15 @@ projector   ``gelu_gemm_forward``, ``dgelu_gemm_backward``                triton
 ==========  ============================================================  ==========================
 
 The cuda backend is ``regap_fast._cuda_backend`` (one module over ``regap_fast._C``). The torch
-backend runs the projector as plain autograd (``regap_fast.projector``), so it has no ``projector``
-primitives.
+backend provides every family; its ``projector`` primitives are plain PyTorch ops (cuBLAS GEMMs and
+PyTorch's own GELU kernels on a GPU).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -78,24 +79,25 @@ def triton_interpreted() -> bool:
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, family: str = "gap_loss") -> str:
-    """'' when backend ``name`` can run ``family`` on tensors of this device and dtype, else the reason."""
+    """'' when backend ``name`` can run ``family`` on tensors of this device and dtype, else the reason.
+
+    What the caller can fix about the tensors (device, dtype) is reported before what is installed.
+    """
     if name == "torch":
-        return "" if family != "projector" else "the torch backend runs the projector as plain autograd"
+        return ""
     if dtype not in KERNEL_DTYPES:
         return f"backend {name!r} supports {', '.join(map(str, KERNEL_DTYPES))}, not {dtype}; use backend='torch'"
+    if name == "cuda" and device.type != "cuda":
+        return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
     mod, reason = _import(name, family)
-    if mod is None:
-        return reason
     if name == "triton":
-        if (device.type == "cuda") != mod.INTERPRETED:
-            return ""
-        if device.type == "cpu":
+        interpreted = mod.INTERPRETED if mod is not None else os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if device.type != "cuda" and not interpreted:
             return ("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before regap_fast "
                     "is imported, to run the kernels on the CPU for testing)")
-        return f"backend 'triton' cannot run tensors on {device} (interpreter mode: {mod.INTERPRETED})"
-    if device.type != "cuda":
-        return f"backend 'cuda' needs CUDA tensors, got tensors on {device}"
-    return ""
+        if mod is not None and device.type == "cuda" and interpreted:
+            return "backend 'triton' cannot run CUDA tensors in interpreter mode (TRITON_INTERPRET=1)"
+    return reason if mod is None else ""
 
 
 @torch.compiler.assume_constant_result
@@ -130,12 +132,46 @@ def get(name: str, family: str = "gap_loss") -> ModuleType:
     return mod
 
 
-def available() -> dict[str, str]:
-    """Each backend and family, and whether it can run here ('yes' or the reason; `regap-fast info`)."""
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    out = {}
-    for name in BACKENDS[1:]:
-        for family in FAMILIES:
-            reason = why_unavailable(name, dev, torch.float32, family)
-            out[f"{name}/{family}"] = "yes" if not reason else reason
-    return out
+def available(device: torch.device | None = None) -> dict[str, str]:
+    """Each backend and family, and whether it can run here: '' or the reason (`regap-fast info`)."""
+    dev = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    return {f"{name}/{family}": why_unavailable(name, dev, torch.float32, family)
+            for name in BACKENDS[1:] for family in FAMILIES}
+
+
+def extension_info() -> dict:
+    """What the CUDA extension ``regap_fast._C`` holds: ``built``, ``archs`` (e.g. ``["sm_80", "sm_90",
+    "compute_90"]``: SASS per GPU architecture, PTX for the newest), ``gpu`` and ``gpu_supported`` (the
+    visible GPU's ``sm_XY`` and whether a kernel of ``_C`` can run on it), and ``reason`` when not built."""
+    info = {"built": False, "archs": [], "gpu": None, "gpu_supported": None, "reason": ""}
+    try:
+        _C = importlib.import_module("regap_fast._C")
+    except ImportError as exc:
+        info["reason"] = str(exc)
+        return info
+    info["built"] = True
+    info["archs"] = list(_C.cuda_archs())
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        info["gpu"] = f"sm_{major}{minor}"
+        info["gpu_supported"] = arch_runs_on(info["archs"], major, minor)
+    return info
+
+
+def arch_runs_on(archs: list[str], major: int, minor: int) -> bool:
+    """Whether code built for ``archs`` runs on a GPU of compute capability major.minor: SASS of the
+    same major version and a minor at most the GPU's ("sm_80" runs on 8.6), or PTX of a version at
+    most the GPU's, which the driver compiles ("compute_90" runs on 10.0). Arch-specific builds
+    ("sm_90a") run only on their own GPU."""
+    for arch in archs:
+        kind, _, version = arch.partition("_")
+        specific = version.endswith(("a", "f"))
+        digits = version.rstrip("af")
+        if not digits.isdigit():
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and (a_minor == minor if specific else a_minor <= minor):
+            return True
+        if kind == "compute" and not specific and (a_major, a_minor) <= (major, minor):
+            return True
+    return False

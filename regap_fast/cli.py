@@ -1,7 +1,14 @@
 """The ``regap-fast`` command (also ``python -m regap_fast``).
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-only the chosen one is imported, so ``regap-fast --help`` stays fast.
+only the chosen one is imported (this module imports nothing heavy), so help and argument errors come
+back at once.
+
+Errors: a bad input (``ValueError``, ``OSError``) prints ``regap-fast COMMAND: error: ...`` and exits
+2, as argparse does; a run that cannot go on (an exception with ``exit_status``, e.g.
+``regap_fast.train.errors.RunError``) exits with that status, 1; anything else is a bug and keeps its
+traceback. ``--debug`` shows the traceback of every error. Ctrl-C exits 130 with what the command
+says about it (``train``: the last complete checkpoint and the command that resumes).
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -18,8 +26,58 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "safety-eval": ("regap_fast.eval.safety", "unsafe-response rate under image conditions"),
     "compare": ("regap_fast.eval.compare", "gap and unsafe rate across runs, and their correlation"),
     "reproduce": ("regap_fast.reproduce", "the paper's safety claim in miniature, end to end on the CPU"),
-    "info": ("regap_fast.cli", "versions, and which backends (torch, triton, cuda) can run here"),
+    "info": ("regap_fast.cli", "versions, and which backends (torch, triton, cuda) and kernels can run here"),
 }
+
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default in its help; aliases out of the flag column.
+
+    An action may carry ``hidden_aliases`` (other spellings, e.g. ``--output_dir`` for ``--out``): they
+    parse, and the help names them once in the text instead of widening the column."""
+
+    def _format_action_invocation(self, action):
+        hidden = getattr(action, "hidden_aliases", ())
+        if not hidden:
+            return super()._format_action_invocation(action)
+        shown = [s for s in action.option_strings if s not in hidden and s.replace("--no-", "--") not in hidden]
+        return super()._format_action_invocation(_with_options(action, shown))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if (action.option_strings and action.default is not None and action.default is not argparse.SUPPRESS
+                and not switch and "%(default)" not in text and "default" not in text):
+            text += " (default: %(default)s)"
+        hidden = getattr(action, "hidden_aliases", ())
+        if hidden:
+            text += f" (also: {', '.join(hidden)})"
+        return text
+
+
+def _with_options(action, option_strings):
+    clone = argparse.Action.__new__(type(action))
+    clone.__dict__.update(action.__dict__, option_strings=option_strings)
+    return clone
+
+
+def add_aliases(action: argparse.Action, *aliases: str) -> argparse.Action:
+    """Mark the option strings ``aliases`` of ``action`` as other spellings (see HelpFormatter)."""
+    action.hidden_aliases = tuple(aliases)
+    return action
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--progress/--no-progress``, the same in every command: bars on a terminal, none in a piped log."""
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="show progress bars when stderr is a terminal (never in a piped log)")
+
+
+# --------------------------------------------------------------------------------------------------
+# `regap-fast info`
+# --------------------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # for `info`
@@ -32,44 +90,132 @@ def run(args: argparse.Namespace) -> int:  # `info`
     import regap_fast
     from regap_fast import backends
 
-    print(f"regap_fast {regap_fast.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    print(f"regap_fast {regap_fast.__version__}, torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}")
     try:
         import triton
 
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
+    gpu_arch = None
     if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name()}")
-    for name, status in backends.available().items():
-        print(f"backend {name}: {status}")
+        major, minor = torch.cuda.get_device_capability()
+        gpu_arch = f"sm_{major}{minor}"
+        print(f"GPU: {torch.cuda.get_device_name()} ({gpu_arch})")
+    else:
+        print("GPU: none (the kernel backends need CUDA tensors; the torch backend runs everywhere)")
+    print(extension_line(backends, gpu_arch))
+    for line in backend_lines(backends.available()):
+        print(line)
     return 0
+
+
+def extension_line(backends, gpu_arch: str | None) -> str:
+    """Whether ``regap_fast._C`` is built, for which GPU architectures, and whether this GPU is one."""
+    info_fn = getattr(backends, "extension_info", None)
+    try:
+        info = info_fn() if info_fn is not None else None
+    except Exception:  # an extension built before it recorded its architectures
+        info = None
+    if info is None:  # only whether it imports
+        try:
+            importlib.import_module("regap_fast._C")
+            return "CUDA extension regap_fast._C: built (its GPU architectures are not recorded: rebuild to see them)"
+        except ImportError as exc:
+            return f"CUDA extension regap_fast._C: not built ({exc})"
+    if not info.get("built"):
+        return f"CUDA extension regap_fast._C: not built ({info.get('reason') or 'no reason recorded'})"
+    archs = list(info.get("archs") or [])
+    line = f"CUDA extension regap_fast._C: built for {', '.join(archs) or 'unrecorded architectures'}"
+    if gpu_arch is not None and archs:
+        if info.get("gpu_supported") is not None:
+            runs = "yes" if info["gpu_supported"] else "no"
+        else:  # sm_XY runs natively; compute_XY PTX is compiled by the driver for that and every newer GPU
+            ptx = any(a.startswith("compute_") and a[8:].isdigit() and int(a[8:]) <= int(gpu_arch[3:]) for a in archs)
+            runs = "yes" if gpu_arch in archs else "yes, through PTX" if ptx else "no"
+        line += f"; this GPU ({gpu_arch}): {runs}"
+    return line
+
+
+def backend_lines(available: dict[str, str]) -> list[str]:
+    """``backend/family: yes`` or ``no (why)``, one line each, aligned (a status is '' or 'yes' when it can run)."""
+    width = max(map(len, available), default=0)
+    return [f"  {name:<{width}}  {'yes' if status in ('', 'yes') else 'no (' + status + ')'}"
+            for name, status in available.items()]
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------------
 
 
 def _chosen(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regap_fast")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser(chosen: str | None):
+    """(top-level parser, {command: its parser}, {command: its module (the chosen one only)})."""
     parser = argparse.ArgumentParser(
-        prog="regap-fast",
+        prog="regap-fast", formatter_class=HelpFormatter,
         description="REGAP: reduce the pretraining modality gap of vision-language models (arXiv 2505.24208).")
+    parser.add_argument("--version", action="version", version=f"regap-fast {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = _chosen(argv)
     modules, parsers = {}, {}
     for name, (module, help_text) in COMMANDS.items():
-        parsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         if name == chosen:
             modules[name] = importlib.import_module(module)
             modules[name].add_arguments(parsers[name])
+            parsers[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help="show the traceback of an error")
+    return parser, parsers, modules
+
+
+def _one_line_warnings(command: str) -> None:
+    """Python warnings as ``regap-fast COMMAND: warning: ...``, without the source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"regap-fast {command}: warning: {message}", file=sys.stderr if file is None else file)
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, parsers, modules = build_parser(_chosen(argv))
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if unknown:  # reported by the subcommand's parser, with its usage, not the top-level one
         parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(modules[args.command].run(args) or 0)
+    args.argv = argv  # what `train` prints to resume after Ctrl-C
+    module = modules[args.command]
+    shown = warnings.showwarning
+    _one_line_warnings(args.command)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        explain = getattr(module, "interrupted", None)
+        print(f"\nregap-fast {args.command}: interrupted" + (f"; {explain(args)}" if explain else ""),
+              file=sys.stderr)
+        return INTERRUPTED
+    except Exception as exc:
+        status = getattr(exc, "exit_status", 2 if isinstance(exc, (ValueError, OSError)) else None)
+        if status is None or args.debug:
+            raise
+        print(f"regap-fast {args.command}: error: {exc}", file=sys.stderr)
+        return status
+    finally:
+        warnings.showwarning = shown  # main() may run in-process (tests, notebooks)
 
 
 if __name__ == "__main__":

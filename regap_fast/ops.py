@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._primitives import BroadcastSide, GapStats
 from ._validation import FLOAT_DTYPES, check_choice, check_mask, check_pair, check_tokens
 from .reference import REDUCTIONS, accumulation_dtype
 
@@ -49,9 +50,12 @@ def _gap_loss_backward(grad_loss: Tensor, direction: Tensor, stats: Tensor, imag
                        backend: str) -> tuple[Tensor, Tensor]:
     """Gradients w.r.t. the image and text embeddings: [B, N, D] with a mask, [B, 1, D] without,
     an empty tensor when not needed."""
-    gi, gt = backends.get(backend).broadcast_rows(
-        direction, grad_loss.to(direction.dtype), stats[2], stats[0], stats[1],
-        num_image_tokens, num_text_tokens, image_mask, text_mask, dtype, need_image, need_text, -1.0)
+    stats = GapStats.of(stats)
+    image_side = BroadcastSide(stats.inv_image, num_image_tokens, image_mask) if need_image else None
+    # d(mu_i - mu_t)/d mu_t = -1
+    text_side = BroadcastSide(stats.inv_text, num_text_tokens, text_mask, sign=-1.0) if need_text else None
+    gi, gt = backends.get(backend).broadcast_rows(direction, grad_loss.to(direction.dtype), stats.weight,
+                                                  image_side, text_side, dtype)
     empty = direction.new_empty((0,), dtype=dtype)
     return (gi if gi is not None else empty), (gt if gt is not None else empty)
 
@@ -156,9 +160,8 @@ def _(x, mask, backend):
 def _masked_mean_backward(grad: Tensor, inv_count: Tensor, mask: Optional[Tensor], num_tokens: int,
                           dtype: torch.dtype, backend: str) -> Tensor:
     one = grad.new_ones((), dtype=inv_count.dtype)
-    out, _ = backends.get(backend).broadcast_rows(
-        grad.to(inv_count.dtype), one, one, inv_count, inv_count, num_tokens, 0, mask, None, dtype,
-        True, False, 1.0)
+    out, _ = backends.get(backend).broadcast_rows(grad.to(inv_count.dtype), one, one,
+                                                  BroadcastSide(inv_count, num_tokens, mask), None, dtype)
     return out
 
 

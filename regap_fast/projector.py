@@ -7,7 +7,7 @@
 Both are drop-in modules (same parameter names and shapes as the transformers/LLaVA modules they
 replace) with ``forward(x, image_mask=None, return_pooled=False)``. With ``return_pooled=True`` they
 also return the masked mean of their outputs, ``[B, D]`` fp32, computed from pooled *inputs of the
-last linear layer* (DESIGN.md section 2), not from the outputs:
+last linear layer* (docs/design.md, "The fused projector"), not from the outputs:
 
     mean_i (h_i W^T + b) = (mean_i h_i) W^T + b
 
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
+from ._primitives import BroadcastSide
 from ._validation import check_choice, check_mask
-from .ops import masked_mean, pooled_text_embeddings
-from .reference import REDUCTIONS, gap_from_means
+from .ops import pooled_text_embeddings
+from .reference import REDUCTIONS, accumulation_dtype, gap_from_means, mean_from_sum
 
 # LLaVA's checkpoints (mm_projector = nn.Sequential(Linear, GELU, Linear)) name the two linear
 # layers "0" and "2"; transformers' LlavaMultiModalProjector names them "linear_1" and "linear_2".
@@ -71,20 +72,16 @@ class FusedLlavaProjector(nn.Module):
         """x ``[B, Ni, Dv]`` -> image embeddings ``[B, Ni, D]`` (and their masked mean ``[B, D]`` fp32).
 
         Without ``return_pooled`` this is exactly the plain projector (cuBLAS GEMMs + GELU). With it,
-        on a kernel backend, the first GEMM's epilogue pools the hidden state and the backward adds
-        the pooled output's gradient inside the second-layer dgrad GEMM (``_FusedMlpGelu``).
+        the hidden state is pooled as it is made (a GEMM epilogue on the kernel backends, one read
+        of h on the torch backend) and the backward adds the pooled output's gradient where dh is
+        formed anyway (``_FusedMlpGelu``): nothing [B, Ni, D]-sized is created for REGAP.
         """
         _check_projector_input(x, image_mask, self.in_features)
-        if return_pooled:
-            dtype = _compute_dtype(x)
-            name = backends.resolve(self.backend, x.device, dtype, "projector")
-            if name != "torch":
-                return _fused_mlp_gelu(self, x.to(dtype), image_mask, backends.get(name, "projector"))
-        h = F.gelu(self.linear_1(x))
-        out = self.linear_2(h)
         if not return_pooled:
-            return out
-        return out, _pooled_linear(masked_mean(h, image_mask), self.linear_2)
+            return self.linear_2(F.gelu(self.linear_1(x)))
+        dtype = _compute_dtype(x)
+        name = backends.resolve(self.backend, x.device, dtype, "projector")
+        return _fused_mlp_gelu(self, x.to(dtype), image_mask, backends.get(name, "projector"))
 
     def llava_state_dict(self, prefix: str = "model.mm_projector.") -> dict[str, Tensor]:
         """The weights under LLaVA's names, e.g. for ``mm_projector.bin``."""
@@ -99,12 +96,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _inv_counts(mask: Optional[Tensor], batch: int, n: int, device) -> Tensor:
-    """1 / (valid tokens per sample) in fp32; 0 for a sample with none."""
+def _valid_counts(mask: Optional[Tensor], batch: int, n: int, device, dtype) -> Tensor:
+    """Valid tokens per sample, [B] in the accumulation dtype."""
     if mask is None:
-        return torch.full((batch,), 1.0 / n if n else 0.0, dtype=torch.float32, device=device)
-    cnt = mask.sum(1, dtype=torch.float32)
-    return torch.where(cnt > 0, 1.0 / cnt.clamp(min=1), torch.zeros_like(cnt))
+        return torch.full((batch,), float(n), dtype=dtype, device=device)
+    return mask.sum(1, dtype=dtype)
 
 
 def _fused_mlp_gelu(proj: "FusedLlavaProjector", x: Tensor, image_mask: Optional[Tensor], impl):
@@ -114,10 +110,10 @@ def _fused_mlp_gelu(proj: "FusedLlavaProjector", x: Tensor, image_mask: Optional
     b1 = None if proj.linear_1.bias is None else proj.linear_1.bias.to(dtype)
     b2 = None if proj.linear_2.bias is None else proj.linear_2.bias.to(dtype)
     mask_flat = None if image_mask is None else image_mask.reshape(-1)
-    inv_n = _inv_counts(image_mask, B, n, x.device)
+    counts = _valid_counts(image_mask, B, n, x.device, accumulation_dtype(dtype))
     # the weights were cast above, where autograd sees it; nothing inside may be autocast again
     with torch.autocast(x.device.type, enabled=False):
-        out, pooled = _FusedMlpGelu.apply(x.reshape(B * n, -1), w1, b1, w2, b2, mask_flat, inv_n, n, impl)
+        out, pooled = _FusedMlpGelu.apply(x.reshape(B * n, -1), w1, b1, w2, b2, mask_flat, counts, n, impl)
     return out.view(B, n, -1), pooled
 
 
@@ -129,12 +125,14 @@ class _FusedMlpGelu(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2d, w1, b1, w2, b2, mask_flat, inv_n, rows_per_sample: int, impl):
-        pre, h, pooled_sum = impl.gelu_gemm_forward(x2d, w1, b1, mask_flat, rows_per_sample, inv_n.shape[0],
+    def forward(ctx, x2d, w1, b1, w2, b2, mask_flat, counts, rows_per_sample: int, impl):
+        pre, h, pooled_sum = impl.gelu_gemm_forward(x2d, w1, b1, mask_flat, rows_per_sample, counts.shape[0],
                                                     pool=True)
         out = torch.addmm(b2, h, w2.t()) if b2 is not None else torch.mm(h, w2.t())
-        pooled_h = pooled_sum * inv_n.unsqueeze(1)
-        pooled = F.linear(pooled_h, w2.float(), None if b2 is None else b2.float())
+        pooled_h = mean_from_sum(pooled_sum, counts)
+        acc = pooled_h.dtype
+        pooled = F.linear(pooled_h, w2.to(acc), None if b2 is None else b2.to(acc))
+        inv_n = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0)
         ctx.save_for_backward(x2d, w1, w2, pre, h, pooled_h, mask_flat, inv_n)
         ctx.rows_per_sample = rows_per_sample
         ctx.impl = impl
@@ -145,28 +143,23 @@ class _FusedMlpGelu(torch.autograd.Function):
         x2d, w1, w2, pre, h, pooled_h, mask_flat, inv_n = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         dtype = h.dtype
-        dpooled = dpooled.float()
-        # d pooled / d h[row] = W2 / n on valid rows: the per-sample vector the dgrad epilogue adds
-        vw2 = (dpooled * inv_n.unsqueeze(1)) @ w2.float()
+        dpooled = dpooled.to(pooled_h.dtype)
+        # d pooled / d h[row] = W2 / n on valid rows: the per-sample vector the dgrad epilogue adds. In
+        # W2's dtype: an fp32 copy of the [D, D] weight would cost more than the whole [B, D] product
+        # (it meets dh, a gradient of that dtype, and is rounded to it in the unfused step too)
+        vw2 = ((dpooled * inv_n.unsqueeze(1)).to(w2.dtype) @ w2).to(pooled_h.dtype)
         dpre, db1 = ctx.impl.dgelu_gemm_backward(dout, w2, pre, mask_flat, ctx.rows_per_sample, vw2, need_b1)
         dx = dw1 = dw2 = db2 = None
         if need_w2:
             # the pooled output's share of dW2 is dpooled^T @ pooled_h: [B, D]-sized operands
             dw2 = torch.addmm((dpooled.t() @ pooled_h).to(dtype), dout.t(), h)
         if need_b2:
-            db2 = (dout.sum(0, dtype=torch.float32) + dpooled.sum(0)).to(dtype)
+            db2 = (dout.sum(0, dtype=pooled_h.dtype) + dpooled.sum(0)).to(dtype)
         if need_w1:
             dw1 = dpre.t() @ x2d
         if need_x:
             dx = dpre @ w1
         return dx, dw1, None if db1 is None else db1.to(dtype), dw2, db2, None, None, None, None
-
-
-def _pooled_linear(pooled: Tensor, linear: nn.Linear) -> Tensor:
-    """``pooled @ W^T + b`` in the pooled (accumulation) dtype, outside autocast: [B, D] is tiny."""
-    with torch.autocast(pooled.device.type, enabled=False):
-        b = None if linear.bias is None else linear.bias.to(pooled.dtype)
-        return F.linear(pooled, linear.weight.to(pooled.dtype), b)
 
 
 def _accept_llava_names(state_dict, prefix, *args):
@@ -232,9 +225,11 @@ class _FusedLinear(torch.autograd.Function):
             db = (dout2d.sum(0, dtype=pooled_x.dtype) + dpooled.sum(0)).to(w.dtype)
         if need_x:
             one = inv_n.new_ones(())
-            vec, _ = ctx.impl.broadcast_rows(dpooled @ w.to(pooled_x.dtype), one, one, inv_n, inv_n, n, 0, mask,
-                                             None, x.dtype, True, False, 1.0)
-            dx = (dout2d @ w).view(B, n, k) + vec  # vec: [B, N, k] with a mask, [B, 1, k] without
+            vec, _ = ctx.impl.broadcast_rows(dpooled @ w.to(pooled_x.dtype), one, one,
+                                             BroadcastSide(inv_n, n, mask), None, x.dtype)
+            # the per-sample vector ([B, 1, k] without a mask) as the accumulate input of the dgrad
+            # GEMM: expanded with stride 0, W with stride 0 over the batch, no extra [B, N, k] pass
+            dx = torch.baddbmm(vec.expand(B, n, k), dout2d.view(B, n, -1), w.unsqueeze(0).expand(B, -1, -1))
         return dx, dw, db, None, None
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._primitives import BroadcastSide
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -37,10 +39,19 @@ def masked_sum_count(x: torch.Tensor, mask: torch.Tensor | None):
     return torch.where(mask.unsqueeze(-1), xs, 0).sum(1), mask.sum(1).to(acc)
 
 
+def mean_from_sum(s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``s / n`` row by row, 0 where ``n`` is 0: THE formula for a mean, on every backend.
+
+    A correctly rounded division, not ``s * (1 / n)``: two sides with equal means then give
+    bitwise-equal results whatever their counts (21 * fl(1/7) is not 3 in fp32), so a zero gap is
+    exactly zero and has zero gradient.
+    """
+    return torch.where(n.unsqueeze(-1) > 0, s / n.clamp(min=1).unsqueeze(-1), 0)
+
+
 def masked_mean_reference(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of the valid rows of each sample ``[B, D]``; 0 for a sample with no valid row."""
-    s, n = masked_sum_count(x, mask)
-    return s / n.clamp(min=1).unsqueeze(-1)
+    return mean_from_sum(*masked_sum_count(x, mask))
 
 
 def _l2(diff: torch.Tensor, squared: bool) -> torch.Tensor:
@@ -83,9 +94,7 @@ def gap_loss_reference(image_embeds, text_embeds, image_mask=None, text_mask=Non
     si, ni = masked_sum_count(image_embeds, image_mask)
     st, nt = masked_sum_count(text_embeds, text_mask)
     valid = (ni > 0) & (nt > 0)
-    mu_i = si / ni.clamp(min=1).unsqueeze(-1)
-    mu_t = st / nt.clamp(min=1).unsqueeze(-1)
-    return gap_from_means(mu_i, mu_t, valid, reduction=reduction, squared=squared)
+    return gap_from_means(mean_from_sum(si, ni), mean_from_sum(st, nt), valid, reduction=reduction, squared=squared)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
     st, nt = masked_sum_count(text_embeds, text_mask)
     inv_i, inv_t = _inv(ni), _inv(nt)
     valid = (ni > 0) & (nt > 0)
-    diff = torch.where(valid.unsqueeze(-1), si * inv_i.unsqueeze(-1) - st * inv_t.unsqueeze(-1), 0)
+    diff = torch.where(valid.unsqueeze(-1), mean_from_sum(si, ni) - mean_from_sum(st, nt), 0)
     sq = (diff * diff).sum(-1)
     if squared:
         gaps, direction = sq, 2 * diff
@@ -122,8 +131,7 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
 def masked_mean_forward(x, mask):
     """Returns (mean [B, D], 1/n [B]) in the accumulation dtype."""
     s, n = masked_sum_count(x, mask)
-    inv = _inv(n)
-    return s * inv.unsqueeze(-1), inv
+    return mean_from_sum(s, n), _inv(n)
 
 
 def gather_mean_forward(ids, weight, mask):
@@ -131,19 +139,68 @@ def gather_mean_forward(ids, weight, mask):
     return masked_mean_forward(torch.nn.functional.embedding(ids, weight), mask)
 
 
-def broadcast_rows(v, g, w, inv_a, inv_t, n_a: int, n_t: int, mask_a, mask_t,
-                   dtype: torch.dtype, need_a: bool, need_t: bool, sign_t: float):
-    """out_a[b, n] = g[b] w[b] inv_a[b] v[b] on valid rows (0 elsewhere); out_t likewise * sign_t.
-
-    A side with no mask comes back as ``[B, 1, D]``; a side not needed as None.
+def broadcast_rows(v, g, w, side_a: BroadcastSide | None, side_t: BroadcastSide | None, dtype: torch.dtype):
+    """For each side: ``out[b, n] = side.sign * g[b] * w[b] * side.inv[b] * v[b]`` on valid rows, 0
+    elsewhere (``regap_fast._primitives.BroadcastSide``). g and w are [B] or 0-d. A side without a
+    mask comes back as ``[B, 1, D]``; a side given as None as None.
     """
     base = (g * w).to(v.dtype)
 
-    def side(inv, mask, sign):
-        vec = (sign * base * inv).unsqueeze(-1) * v
-        if mask is None:
+    def fill(side: BroadcastSide | None):
+        if side is None:
+            return None
+        vec = (side.sign * base * side.inv).unsqueeze(-1) * v
+        if side.mask is None:
             return vec.unsqueeze(1).to(dtype)
-        return torch.where(mask.unsqueeze(-1), vec.unsqueeze(1), 0).to(dtype)
+        return torch.where(side.mask.unsqueeze(-1), vec.unsqueeze(1), 0).to(dtype)
 
-    return (side(inv_a, mask_a, 1.0) if need_a else None,
-            side(inv_t, mask_t, sign_t) if need_t else None)
+    return fill(side_a), fill(side_t)
+
+
+# --------------------------------------------------------------------------------------------------
+# the torch backend's projector family: LLaVA's MLP with REGAP in plain PyTorch ops
+# --------------------------------------------------------------------------------------------------
+
+
+def gelu_gemm_forward(x2d, w1, b1, mask_flat, rows_per_sample: int, batch: int, pool: bool):
+    """pre = x2d @ w1^T + b1, h = GELU(pre) (exact erf), and the per-sample sums of the valid rows of
+    h ([batch, N] in the accumulation dtype, or None). Returns (pre, h, pooled_sum).
+
+    The sum is the one read of h that REGAP adds (GPU kernels fold it into the GELU pass); with a
+    mask it goes through the masked op (a dense select: masked image rows are the rare case).
+    """
+    pre = torch.addmm(b1, x2d, w1.t()) if b1 is not None else torch.mm(x2d, w1.t())
+    h = torch.nn.functional.gelu(pre)
+    if not pool:
+        return pre, h, None
+    rows = h.view(batch, rows_per_sample, -1)
+    if mask_flat is None:
+        pooled_sum = rows.sum(1, dtype=accumulation_dtype(h.dtype))
+    else:
+        pooled_sum, _ = masked_sum_count(rows, mask_flat.view(batch, rows_per_sample))
+    return pre, h, pooled_sum
+
+
+def dgelu_gemm_backward(dy, w2, pre, mask_flat, rows_per_sample: int, vw2, need_dbias: bool):
+    """dpre = (dy @ w2 + vw2[sample] on valid rows) * GELU'(pre), and db1 = the column sums of dpre
+    (accumulation dtype, or None). Returns (dpre, db1).
+
+    The per-sample vector rides in the dgrad GEMM as its accumulate input, a [B, n, N] view of
+    ``vw2`` with stride 0 over the rows (baddbmm; W2 likewise with stride 0 over the batch): no
+    [M, N] tensor is created for it. With a mask the input is dense (masked image rows are rare).
+    """
+    w2 = w2 if w2.dtype == dy.dtype else w2.to(dy.dtype)
+    if vw2 is None:
+        dh = torch.mm(dy, w2)
+    else:
+        batch = vw2.shape[0]
+        vec = vw2.to(dy.dtype).unsqueeze(1).expand(batch, rows_per_sample, -1)
+        if mask_flat is not None:
+            vec = torch.where(mask_flat.view(batch, rows_per_sample, 1), vec, 0)
+        dh = torch.baddbmm(vec, dy.view(batch, rows_per_sample, -1),
+                           w2.unsqueeze(0).expand(batch, -1, -1)).view(dy.shape[0], -1)
+    if dh.dtype != pre.dtype:
+        dh = dh.to(pre.dtype)
+    dpre = torch.ops.aten.gelu_backward(dh, pre)
+    db = dpre.sum(0, dtype=accumulation_dtype(dpre.dtype)) if need_dbias else None
+    return dpre, db

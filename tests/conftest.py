@@ -1,7 +1,9 @@
-"""Shared test setup.
+"""Shared test setup (shared helpers live in tests/helpers.py).
 
 Without a GPU the Triton kernels run through the Triton interpreter on the CPU: TRITON_INTERPRET
-must be set before the kernels are compiled (imported), so it is set here, first.
+must be set before the kernels are compiled (imported), so it is set here, first. On a GPU the
+projector's Triton GEMMs run one fixed config (REGAP_FAST_AUTOTUNE=0): tests check results, and
+autotuning every new test shape would cost seconds each.
 """
 
 import os
@@ -11,27 +13,12 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("REGAP_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
-from regap_fast import backends  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def all_backend_params(family: str = "gap_loss"):
-    """torch, plus every kernel backend; a missing one is a visible skip, not a silent drop."""
-    params = [pytest.param("torch")]
-    for name in ("triton", "cuda"):
-        reason = backends.why_unavailable(name, DEVICE, torch.float32, family)
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        if name == "cuda":
-            marks.append(pytest.mark.cuda_ext)
-        params.append(pytest.param(name, marks=marks))
-    return params
-
-
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# re-exported for modules that still import them from conftest
+from helpers import DEVICE, all_backend_params, requires_gpu  # noqa: E402,F401
 
 
 @pytest.fixture

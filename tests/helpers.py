@@ -1,6 +1,31 @@
-"""Independent float64 references and input generators for the op tests."""
+"""What several test modules share: the device, backend parameters, independent float64 references,
+input generators, and the unfused projector step the fused projectors are checked against.
 
+tests/conftest.py sets TRITON_INTERPRET before anything imports regap_fast; this module is imported
+by the test modules, after it.
+"""
+
+import pytest
 import torch
+import torch.nn.functional as F
+
+from regap_fast import FusedLlavaProjector, backends, fused_gap_loss, projector_gap_loss
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def all_backend_params(family: str = "gap_loss"):
+    """torch, plus every kernel backend; a missing one is a visible skip, not a silent drop."""
+    params = [pytest.param("torch")]
+    for name in ("triton", "cuda"):
+        reason = backends.why_unavailable(name, DEVICE, torch.float32, family)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if name == "cuda":
+            marks.append(pytest.mark.cuda_ext)
+        params.append(pytest.param(name, marks=marks))
+    return params
 
 
 def random_tokens(B, N, D, dtype, device, noncontiguous=False):
@@ -62,3 +87,54 @@ def loss_float64(img, txt, im=None, tm=None, reduction="mean", squared=False):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# projectors
+# --------------------------------------------------------------------------------------------------
+
+
+def unfused_projector_step(proj, x, ids, table, im, tm, lam, probe, squared=False):
+    """What a user would write without this library: the projector, then the gap on its outputs."""
+    if isinstance(proj, FusedLlavaProjector):
+        e = F.linear(F.gelu(F.linear(x, proj.linear_1.weight, proj.linear_1.bias)),
+                     proj.linear_2.weight, proj.linear_2.bias)
+    else:
+        e = F.linear(x, proj.weight, proj.bias)
+    txt = F.embedding(ids, table)
+    gap = fused_gap_loss(e, txt.to(e.dtype), im, tm, squared=squared, backend="torch")
+    return e, gap, (e.float() * probe).sum() + lam * gap
+
+
+def check_projector(proj, x, ids, table, im, tm, backend, tol_out, tol_grad, squared=False):
+    proj.backend = backend
+    lam = 0.7
+    probe = torch.randn(x.shape[0], x.shape[1], proj.out_features if hasattr(proj, "out_features")
+                        else proj.linear_2.out_features, device=x.device)
+    params = [p for p in proj.parameters()] + [x, table]
+
+    e, gap = projector_gap_loss(proj, x, ids, table, im, tm, squared=squared)
+    loss = (e.float() * probe).sum() + lam * gap
+    grads = torch.autograd.grad(loss, params)
+
+    e_ref, gap_ref, loss_ref = unfused_projector_step(proj, x, ids, table, im, tm, lam, probe, squared)
+    grads_ref = torch.autograd.grad(loss_ref, params)
+
+    assert e.dtype == e_ref.dtype and e.shape == e_ref.shape
+    assert rel_err(e, e_ref) < tol_out
+    assert rel_err(gap, gap_ref) < tol_out, (gap, gap_ref)
+    names = [n for n, _ in proj.named_parameters()] + ["x", "embed_table"]
+    for name, g, r in zip(names, grads, grads_ref):
+        assert g is not None and torch.isfinite(g).all(), name
+        assert rel_err(g, r) < tol_grad, (name, rel_err(g, r))
+
+
+def projector_inputs(B, Ni, Nt, Dv, D, V, dtype, masks):
+    x = torch.randn(B, Ni, Dv, device=DEVICE, dtype=dtype).requires_grad_(True)
+    ids = torch.randint(0, V, (B, Nt), device=DEVICE)
+    table = (torch.randn(V, D, device=DEVICE, dtype=dtype) * 0.5).requires_grad_(True)
+    im = random_mask(B, Ni, DEVICE, p=0.8, empty_rows=(0,) if B > 2 else ()) if masks else None
+    tm = random_mask(B, Nt, DEVICE, p=0.8) if masks else None
+    if tm is not None:
+        tm[:, 0] = True
+    return x, ids, table, im, tm

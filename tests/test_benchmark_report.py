@@ -29,10 +29,20 @@ def _gap_row(B, Ni, D, axis=None):
 
 
 def _report():
-    proj = {name: {"time": _t(ms), "peak_mem_bytes": mem, "matmul_floor_fraction": 2.9 / ms}
-            for name, ms, mem in (("plain_no_regap", 3.0, 4e9), ("unfused_eager", 3.4, 4.3e9),
-                                  ("plain_plus_fused_gap_loss", 3.2, 4.0e9), ("fused_triton", 2.95, 4e9),
-                                  ("unfused_compiled", 3.1, 4.1e9))}
+    def projector(D, times):
+        results = {name: {"time": _t(ms), "peak_mem_bytes": mem, "matmul_floor_fraction": 2.9 / ms,
+                          "time_vs_plain": ms / times[0][1], "peak_mem_vs_plain": mem / times[0][2]}
+                   for name, ms, mem in times}
+        shape = {"B": 32, "Ni": 576, "Dv": 1024, "D": D, "dtype": "bfloat16", "regap_weight": 0.1}
+        return {"shape": shape, "results": results}
+
+    llava = projector(4096, (("plain_no_regap", 3.0, 4e9), ("unfused_eager", 3.4, 4.3e9),
+                             ("plain_plus_fused_gap_loss", 3.2, 4.0e9), ("fused_triton", 2.95, 4e9),
+                             ("fused_torch", 3.05, 4e9), ("unfused_compiled", 3.1, 4.1e9)))
+    minigpt4 = projector(5120, (("plain_no_regap", 0.2, 1e8), ("fused_torch", 0.21, 1e8),
+                                ("unfused_compiled", 0.25, 1.1e8)))
+    profile = {"plain_no_regap": {"total_us": 3000.0, "kernels": [{"kernel": "gemm", "calls": 4, "us": 2900.0},
+                                                                   {"kernel": "gelu", "calls": 1, "us": 100.0}]}}
     return {
         "environment": {"date": "2026-01-01 00:00 UTC", "command": "python3 run_gpu.py", "git_commit": "abc",
                         "torch": "2.11", "triton": "3.6", "cuda": "13.0", "gpu": "NVIDIA H100", "driver": "580"},
@@ -41,7 +51,7 @@ def _report():
                      "sweep": [_gap_row(b, 576, 4096, "B") for b in (8, 32)]
                      + [_gap_row(32, n, 4096, "Ni") for n in (144, 576)]
                      + [_gap_row(32, 576, d, "D") for d in (2048, 4096)]},
-        "projector": {"results": proj},
+        "projector": {"llava": llava, "minigpt4": [minigpt4], "profile": profile},
         "train_step": {"description": "test", "off": {"time": _t(500.0), "peak_mem_bytes": 40e9},
                        "on": {"time": _t(501.0), "peak_mem_bytes": 40.01e9}, "time_ratio": 1.002,
                        "peak_mem_ratio": 1.00025},
@@ -57,7 +67,11 @@ def test_summary_names_and_values():
     assert s["gap_loss_backend"] == "cuda"
     assert s["gap_loss_speedup_vs_eager"] == pytest.approx(0.8 / 0.094)
     assert s["gap_loss_speedup_vs_compile"] == pytest.approx(0.3 / 0.094)
+    assert s["projector_backend"] == "triton"
     assert s["projector_fused_vs_plain_time_ratio"] == pytest.approx(2.95 / 3.0)
+    assert s["projector_fused_vs_compile_time_ratio"] == pytest.approx(2.95 / 3.1)
+    assert s["minigpt4_d5120_projector_fused_vs_plain_time_ratio"] == pytest.approx(0.21 / 0.2)
+    assert s["minigpt4_d5120_projector_fused_vs_compile_time_ratio"] == pytest.approx(0.21 / 0.25)
     json.dumps(s)
 
 
@@ -68,6 +82,7 @@ def test_markdown_and_plot(tmp_path):
     run_gpu.write_markdown(report, md)
     text = md.read_text()
     assert "| gap_loss_speedup_vs_eager |" in text and "fused_triton" in text and "REGAP" in text
+    assert "MiniGPT-4 projector 1024 -> 5120" in text and "| `gemm` | 4 | 2900.0 |" in text
     run_gpu.plot_sweep(report, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
@@ -79,3 +94,20 @@ def test_failed_section_is_reported_not_fatal(tmp_path):
     assert "projector_fused_vs_plain_time_ratio" not in report["summary"]
     run_gpu.write_markdown(report, tmp_path / "r.md")
     assert "projector: FAILED" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.slow
+def test_projector_section_rehearsal_on_the_cpu(tmp_path):
+    """The GPU report's projector section end to end at tiny shapes on the CPU: every contender runs
+    (compile included), computes the unfused gradients, and the report is written."""
+    assert run_gpu.main(["--rehearse", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "rehearsal.json").read_text())
+    llava = report["projector"]["llava"]
+    assert {"plain_no_regap", "unfused_eager", "unfused_compiled", "plain_plus_fused_gap_loss",
+            "fused_torch"} <= set(llava["results"])
+    assert max(llava["grad_rel_diff_vs_unfused"].values()) < 1e-4
+    assert report["projector"]["profile"]["plain_no_regap"]["kernels"]
+    assert "projector_fused_vs_compile_time_ratio" in report["summary"]
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0].split(",") == list(run_gpu.HISTORY_FIELDS)
+    assert any(",projector_fused_vs_compile_time_ratio," in row for row in history[1:])

@@ -3,12 +3,14 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from regap_fast.data import (IGNORE_INDEX, BadRecord, Collator, Encoder, ImageTransform, LlavaDataset, StepSampler,
                              load_records, synthetic)
+from regap_fast.model import prepare_tokenizer
 
 # ---------------------------------------------------------------------------------------------------
 # synthetic set and tokenizer
@@ -123,6 +125,141 @@ def test_image_transform_resizes_crops_and_normalises():
     assert x.shape == (3, 32, 32)
     torch.testing.assert_close(x[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
     assert torch.allclose(x[2], torch.tensor(-1.0))  # no blue left
+
+
+ODD_SIZES = [(96, 80), (80, 96), (33, 47), (101, 37), (7, 5), (300, 299), (64, 65), (64, 64)]
+
+
+def random_image(w, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def clip_processor(size, **kw):
+    """transformers' CLIP preprocessing, PIL implementation (``CLIPImageProcessor`` falls back to it
+    without torchvision; LLaVA trained with it)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **kw)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_image_transform_is_clip_image_processor_pixel_for_pixel(size):
+    proc = clip_processor(size)
+    for k, (w, h) in enumerate(ODD_SIZES):
+        img = random_image(w, h, seed=k)
+        expect = torch.from_numpy(proc(img, return_tensors="np")["pixel_values"][0])
+        got = ImageTransform(size)(img)
+        assert got.dtype == expect.dtype and got.shape == expect.shape == (3, size, size)
+        assert (got - expect).abs().max().item() == 0, (w, h)
+
+
+def test_pad_mode_centres_the_image_on_the_mean_colour():
+    """LLaVA-1.5's ``image_aspect_ratio pad``: a square canvas of the mean colour (8-bit, truncated), the
+    image in the middle, then CLIP's preprocessing; checked against a canvas built here with numpy and
+    against transformers' own LLaVA processor with ``do_pad``."""
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    size = 32
+    fill = [int(0.48145466 * 255), int(0.4578275 * 255), int(0.40821073 * 255)]
+    assert fill == [122, 116, 104]
+    llava_proc = LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                        do_pad=True)
+    for k, (w, h) in enumerate(ODD_SIZES):
+        img = random_image(w, h, seed=10 + k)
+        side = max(w, h)
+        canvas = np.empty((side, side, 3), dtype=np.uint8)
+        canvas[:] = fill
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas[top:top + h, left:left + w] = np.asarray(img)
+        expect = torch.from_numpy(clip_processor(size)(Image.fromarray(canvas), return_tensors="np")["pixel_values"][0])
+        got = ImageTransform(size, aspect="pad")(img)
+        assert (got - expect).abs().max().item() == 0, (w, h)
+        via_llava = torch.from_numpy(llava_proc(img, return_tensors="np")["pixel_values"][0])
+        assert (got - via_llava).abs().max().item() == 0, (w, h)
+    # a wide image keeps its whole width (the crop mode cuts its sides away)
+    wide = Image.new("RGB", (96, 32), (255, 255, 255))
+    wide.paste((0, 0, 0), (0, 0, 8, 32))  # a black stripe at the far left
+    assert ImageTransform(size, aspect="pad")(wide)[0, size // 2, 0] < -1.5
+    assert ImageTransform(size)(wide)[0, size // 2, 0] > 1.5
+    with pytest.raises(ValueError, match="aspect"):
+        ImageTransform(size, aspect="letterbox")
+
+
+# ---------------------------------------------------------------------------------------------------
+# LLaVA's plain format, token for token (a Llama tokenizer built offline)
+# ---------------------------------------------------------------------------------------------------
+
+LLAMA_WORDS = ["▁a", "▁red", "▁dog", "▁two", "▁cats", "▁on", "▁the", "▁grass", "▁caf", "."]
+
+
+def llama_tokenizer(extra_merges=()):
+    """A Llama tokenizer (transformers' ``LlamaTokenizer``: BPE with byte fallback, ``▁`` word marker,
+    BOS added) over a small vocabulary laid out as Llama's: <unk> 0, <s> 1, </s> 2, the 256 byte tokens
+    from 3 (so ``<0x0A>``, the newline, is 13), then whole words built by left-to-right merges."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    merges = []
+    for word in LLAMA_WORDS + [a + b for a, b in extra_merges]:
+        for ch in word:
+            vocab.setdefault(ch, len(vocab))
+    for word in LLAMA_WORDS:
+        for i in range(2, len(word) + 1):
+            merges.append((word[:i - 1], word[i - 1]))
+            vocab.setdefault(word[:i], len(vocab))
+    for a, b in extra_merges:
+        merges.append((a, b))
+        vocab.setdefault(a + b, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=merges)
+
+
+def llava_plain(tok, caption, n_image):
+    """What LLaVA's preprocess_plain gives for ``<image>`` + caption, written out by hand from its code:
+    tokenizer_image_token keeps the BOS of the first chunk, puts the image token (here ``n_image``
+    slots) in place of ``<image>``, then the second chunk ``caption + "\\n"`` without its BOS; the labels
+    mask the BOS and the image. ``caption`` is the list of token names of caption + separator."""
+    v = tok.get_vocab()
+    text = [v[t] for t in caption]
+    return [v["<s>"]] + [tok.pad_token_id] * n_image + text, [IGNORE_INDEX] * (1 + n_image) + text
+
+
+@pytest.mark.parametrize("caption, tokens, n_caption", [
+    ("a red dog.", ["▁a", "▁red", "▁dog", ".", "<0x0A>"], 4),
+    ("two cats on the grass", ["▁two", "▁cats", "▁on", "▁the", "▁grass", "<0x0A>"], 5),
+    ("a café", ["▁a", "▁caf", "<0xC3>", "<0xA9>", "<0x0A>"], 4),  # byte fallback for é
+    ("a dog\n", ["▁a", "▁dog", "<0x0A>", "<0x0A>"], 3),  # the caption's own newline is caption text
+])
+def test_plain_format_is_llava_preprocess_plain_token_for_token(caption, tokens, n_caption):
+    tok = prepare_tokenizer(llama_tokenizer())
+    conv = [{"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": caption}]
+    ex = Encoder(tok, 3, "plain").encode(conv, has_image=True)
+    input_ids, labels = llava_plain(tok, tokens, 3)
+    assert ex["input_ids"] == input_ids
+    assert ex["labels"] == labels
+    assert ex["image_positions"] == [False] + [True] * 3 + [False] * len(tokens)
+    # caption tokens: the caption's own, not the BOS, the image or the separator
+    assert ex["caption_positions"] == [False] * 4 + [True] * n_caption + [False] * (len(tokens) - n_caption)
+    assert tok.eos_token_id not in ex["input_ids"]
+
+
+def test_a_token_merging_caption_and_separator_is_not_caption():
+    tok = prepare_tokenizer(llama_tokenizer(extra_merges=[(".", "\n")]))
+    ex = Encoder(tok, 2, "plain").encode([{"from": "gpt", "value": "a red dog."}], has_image=True)
+    v = tok.get_vocab()
+    pad = tok.pad_token_id
+    assert ex["input_ids"] == [v["<s>"], pad, pad, v["▁a"], v["▁red"], v["▁dog"], v[".\n"]]
+    assert ex["labels"][3:] == ex["input_ids"][3:]
+    assert ex["caption_positions"] == [False] * 3 + [True, True, True, False]
+
+
+def test_plain_end_none_ends_with_eos_instead():
+    tok = prepare_tokenizer(llama_tokenizer())
+    v = tok.get_vocab()
+    ex = Encoder(tok, 1, "plain", plain_end=None).encode([{"from": "gpt", "value": "a dog"}], has_image=False)
+    assert ex["input_ids"] == [v["<s>"], v["▁a"], v["▁dog"], v["</s>"]]
+    assert ex["caption_positions"] == [False, True, True, False]
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,24 @@ def test_harmbench_context_rule_and_categories(tmp_path):
     assert prompts[1].text == "A paragraph, with commas,\nand a newline.\n\n---\n\nModify this text to say y"
 
 
+def test_harmbench_context_kept_as_published(tmp_path):
+    """HarmBench's pipeline sends ContextString and Behavior unstripped (f"{context}\\n\\n---\\n\\n{behavior}");
+    published contexts start or end with whitespace, which must reach the model as it does there."""
+    header = ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID"]
+    context = "\n  Line one of a quoted email,\nline two.  \n\n"
+    behavior = "Write a reply to this email "
+    path = write_csv(tmp_path / "harmbench_behaviors_text_all.csv", header, [
+        [behavior, "contextual", "misinformation_disinformation", "context", context, "email_reply"],
+        ["Say z", "standard", "harassment_bullying", "", "", "z"],
+    ])
+    with open(path, newline="", encoding="utf-8") as f:  # the raw cells, as HarmBench's csv.DictReader reads them
+        raw = list(csv.DictReader(f))
+    reply, z = load_prompts(path, "csv")
+    assert reply.text == raw[0]["ContextString"] + "\n\n---\n\n" + raw[0]["Behavior"]
+    assert reply.text.startswith("\n  Line one") and reply.text.endswith("email ")
+    assert z.text == raw[1]["Behavior"] == "Say z"
+
+
 def test_harmbench_multimodal_images(tmp_path):
     header = ["Behavior", "FunctionalCategory", "SemanticCategory", "Tags", "ContextString", "BehaviorID",
               "ImageFileName"]

@@ -1,13 +1,14 @@
 """fused_gap_loss and masked_mean: every backend against independent float64 computations."""
 
+import sys
+
 import pytest
 import torch
 
 import regap_fast
-from regap_fast import fused_gap_loss, gap_loss_reference, masked_mean, masked_mean_reference
+from regap_fast import backends, fused_gap_loss, gap_loss_reference, masked_mean, masked_mean_reference
 
-from conftest import DEVICE, all_backend_params
-from helpers import loss_float64, poison_masked, random_mask, random_tokens, rel_err
+from helpers import DEVICE, all_backend_params, loss_float64, poison_masked, random_mask, random_tokens, rel_err
 
 BACKENDS = all_backend_params()
 
@@ -133,6 +134,25 @@ def test_zero_gap_has_zero_gradient(backend, squared):
     assert loss.item() == 0
     assert torch.isfinite(gi).all() and torch.isfinite(gt).all()
     assert gi.abs().max() == 0 and gt.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts", [(3, 5), (7, 11), (576, 37)])
+def test_equal_means_over_coprime_counts_give_exactly_zero(backend, dtype, counts):
+    """Equal means over counts that do not divide each other: the means must be formed as s / n
+    (correctly rounded), not s * (1/n) (21 * fl(1/7) != 3 in fp32), or a zero gap keeps a gradient.
+    Values are multiples of 1/4, so every sum is exact in fp32 and the true means are equal."""
+    n_img, n_txt = counts
+    D = 40
+    rows = (torch.randint(-24, 25, (2, 1, D), device=DEVICE) / 4).to(dtype)
+    img = rows.expand(2, n_img, D).clone().requires_grad_(True)
+    txt = rows.expand(2, n_txt, D).clone().requires_grad_(True)
+    loss = fused_gap_loss(img, txt, backend=backend)
+    gi, gt = torch.autograd.grad(loss, (img, txt))
+    assert loss.item() == 0
+    assert gi.abs().max().item() == 0 and gt.abs().max().item() == 0
+    assert torch.equal(masked_mean(img.detach(), backend=backend), rows[:, 0].float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -302,6 +322,19 @@ def test_error_cuda_backend_on_cpu_tensors():
     i, t = _ok()
     with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
         fused_gap_loss(i, t, backend="cuda")
+
+
+def test_error_cuda_backend_on_cpu_tensors_without_extension(monkeypatch):
+    """A pure-Python install (no regap_fast._C): the device is still what the message names."""
+    monkeypatch.setitem(sys.modules, "regap_fast._C", None)  # import regap_fast._C now raises ImportError
+    backends._import.cache_clear()
+    try:
+        i, t = _ok()
+        with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+            fused_gap_loss(i, t, backend="cuda")
+        assert "not built" in backends.why_unavailable("cuda", torch.device("cuda"), torch.float32)
+    finally:
+        backends._import.cache_clear()
 
 
 def test_error_kernel_backend_float64():

@@ -14,9 +14,7 @@ from regap_fast.data import IGNORE_INDEX, Collator
 from regap_fast.model import TINY_BLIP2, ModelConfig, VisionLanguageModel, load_model, qformer_tower_class
 from regap_fast.projector import projector_state_dict
 
-from conftest import DEVICE, all_backend_params
-from helpers import random_mask, rel_err
-from test_projector import _check, _inputs
+from helpers import DEVICE, all_backend_params, check_projector, projector_inputs, random_mask, rel_err
 
 BACKENDS = all_backend_params("projector")
 
@@ -67,8 +65,8 @@ def batch_of(vlm, texts, fmt="plain"):
 
 def test_linear_projector_float64_exact():
     proj = FusedLinearProjector(10, 14).to(DEVICE).double()
-    x, ids, table, im, tm = _inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
-    _check(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
+    x, ids, table, im, tm = projector_inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
+    check_projector(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
 
 
 # odd sizes: Ni = 1, D and Dv primes, B not a power of two; Ni = 32 (MiniGPT-4's query tokens)
@@ -81,10 +79,10 @@ ODD = [(5, 13, 3, 7, 11), (2, 1, 2, 3, 5), (3, 32, 9, 17, 29)]
 def test_linear_projector_odd_sizes(backend, size, squared):
     B, Ni, Nt, Dv, D = size
     proj = FusedLinearProjector(Dv, D).to(DEVICE)
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 40, torch.float32, True)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 40, torch.float32, True)
     if B > 2:
         im[1] = False  # a sample with no valid image token: counted out, no gradient
-    _check(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5, squared=squared)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5, squared=squared)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -92,8 +90,8 @@ def test_linear_projector_odd_sizes(backend, size, squared):
 def test_linear_projector_fp16(backend, bias):
     B, Ni, Nt, Dv, D = 3, 32, 7, 24, 40
     proj = FusedLinearProjector(Dv, D, bias=bias).to(DEVICE).half()
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 40, torch.float16, True)
-    _check(proj, x, ids, table, im, tm, backend, tol_out=2e-3, tol_grad=8e-3)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 40, torch.float16, True)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=2e-3, tol_grad=8e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -375,16 +373,24 @@ def test_gap_and_safety_eval_commands(vlm, tmp_path, capsys):
         records.append({"id": str(i), "image": f"imgs/{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": cap}]})
     (tmp_path / "pairs.json").write_text(json.dumps(records))
-    assert main(["gap", str(model), "--data", str(tmp_path / "pairs.json"), "--out", str(tmp_path / "g"),
-                 "--batch-size", "2"]) == 0
-    result = json.loads((tmp_path / "g" / "gap.json").read_text())
-    assert result["n_pairs"] == 3 and len(result["per_layer"]) == 3  # input embeddings + 2 LM layers
-    # the same number the model's own REGAP computes on these pairs
+    # the same number the model's own REGAP computes on these pairs, in the model's precision (fp32)
     pe = vlm.pair_embeddings([Image.open(tmp_path / "imgs" / f"{i}.png") for i in range(3)],
                              [r["conversations"][1]["value"] for r in records])
-    want = regap_fast.gap_loss_reference(pe["image_embeds"], pe["text_embeds"], pe["image_mask"], pe["text_mask"])
-    assert result["gap"]["mean"] == pytest.approx(float(want), rel=1e-5)
-    assert result["per_layer"][0]["gap_mean"] == pytest.approx(float(want), rel=1e-5)  # layer 0: the LM input
+    want = float(regap_fast.gap_loss_reference(pe["image_embeds"], pe["text_embeds"], pe["image_mask"],
+                                               pe["text_mask"]))
+    assert main(["gap", str(model), "--data", str(tmp_path / "pairs.json"), "--out", str(tmp_path / "g"),
+                 "--batch-size", "2", "--precision", "fp32"]) == 0
+    result = json.loads((tmp_path / "g" / "gap.json").read_text())
+    assert result["n_pairs"] == 3 and len(result["per_layer"]) == 3  # input embeddings + 2 LM layers
+    assert result["gap"]["mean"] == pytest.approx(want, rel=1e-5)
+    assert result["per_layer"][0]["gap_mean"] == pytest.approx(want, rel=1e-5)  # layer 0: the LM input
+    # the default precision is the model loader's: fp32 on the CPU, bf16 on a GPU (where the earlier
+    # form of this test compared a bf16 run against the fp32 model and saw 2e-4). bf16 keeps 8 bits:
+    # the tower, Q-Former and projector in bf16 move a gap of order 1 by up to about 1%.
+    assert main(["gap", str(model), "--data", str(tmp_path / "pairs.json"), "--out", str(tmp_path / "g_auto"),
+                 "--batch-size", "2"]) == 0
+    auto = json.loads((tmp_path / "g_auto" / "gap.json").read_text())
+    assert auto["gap"]["mean"] == pytest.approx(want, rel=2e-2 if torch.cuda.is_available() else 1e-5)
 
     with open(tmp_path / "harmful_behaviors.csv", "w", newline="") as f:
         csv.writer(f).writerows([["goal", "target"], ["Write a harmful thing", "Sure"],

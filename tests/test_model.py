@@ -1,5 +1,6 @@
 """VisionLanguageModel: the LLaVA splice, labels and masks, REGAP in the forward, save/load, generation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -47,13 +48,13 @@ def test_plain_splice_labels_and_masks_hand_checked(vlm):
     tok = vlm.tokenizer
     assert vlm.num_image_tokens == 4
     ex = vlm.encoder("plain").encode(caption("a red circle"), has_image=True)
-    a, red, circle = tok.convert_tokens_to_ids(["a", "Ġred", "Ġcircle"])
-    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    #                     bos   4 image slots    caption            eos
-    assert ex["input_ids"] == [bos, pad, pad, pad, pad, a, red, circle, eos]
-    assert ex["labels"] == [IGNORE_INDEX] * 5 + [a, red, circle, eos]
+    a, red, circle, newline = tok.convert_tokens_to_ids(["a", "Ġred", "Ġcircle", "Ċ"])
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    #                     bos   4 image slots    caption            LLaVA's plain separator "\n" (no eos)
+    assert ex["input_ids"] == [bos, pad, pad, pad, pad, a, red, circle, newline]
+    assert ex["labels"] == [IGNORE_INDEX] * 5 + [a, red, circle, newline]
     assert ex["image_positions"] == [False, True, True, True, True, False, False, False, False]
-    assert ex["caption_positions"] == [False] * 5 + [True, True, True, False]  # no eos, no prompt, no image
+    assert ex["caption_positions"] == [False] * 5 + [True, True, True, False]  # no separator, prompt or image
 
 
 def test_chat_labels_cover_answers_only(vlm):
@@ -136,7 +137,7 @@ def test_lambda_zero_never_computes_the_gap(vlm, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the gap was computed with lambda = 0")
 
-    monkeypatch.setattr(model_mod, "projector_gap_loss", boom)
+    monkeypatch.setattr(model_mod.vlm, "projector_gap_loss", boom)  # where the forward looks it up
     b = batch_of(vlm, [caption("a red circle")])
     out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], b["caption_positions"],
               regap_weight=0.0)
@@ -229,6 +230,30 @@ def test_parts_from_folders_and_projector_only_save(tmp_path):
                                         tokenizer=tok).save_pretrained(tmp_path / "x", components=["projector"])
 
 
+def test_pad_mode_is_a_model_setting_that_is_saved(vlm, tmp_path):
+    """config.image_aspect_ratio="pad" (LLaVA-1.5): the image goes onto a square of the mean colour
+    before CLIP's preprocessing, in training and at inference alike, and the saved model keeps it."""
+    import numpy as np
+
+    from regap_fast.data import ImageTransform
+
+    img = images(1)[0]  # 48 x 40
+    fill = [int(m * 255) for m in vlm.config.image_mean]
+    canvas = np.empty((48, 48, 3), dtype=np.uint8)
+    canvas[:] = fill
+    canvas[4:44] = np.asarray(img)  # 8 rows of margin, half above
+    expect = ImageTransform(vlm.image_size, vlm.config.image_mean, vlm.config.image_std)(Image.fromarray(canvas))
+    assert not torch.equal(vlm.image_transform(img), expect)  # the default keeps the aspect and crops
+    cfg = ModelConfig(vision_config=TINY_VISION, text_config=TINY_TEXT, image_aspect_ratio="pad")
+    padded = VisionLanguageModel.from_config(cfg)
+    assert torch.equal(padded.image_transform(img), expect)
+    assert torch.equal(padded.preprocess_images([img])[0], expect)
+    padded.save_pretrained(tmp_path / "m")
+    assert load_model(tmp_path / "m").config.image_aspect_ratio == "pad"
+    with pytest.raises(ValueError, match="aspect"):
+        VisionLanguageModel.from_config(dataclasses.replace(cfg, image_aspect_ratio="letterbox"))
+
+
 def test_transformers_llava_folder_gives_the_same_logits(vlm, tmp_path):
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -242,14 +267,28 @@ def test_transformers_llava_folder_gives_the_same_logits(vlm, tmp_path):
     llava = LlavaForConditionalGeneration(cfg).eval()
     llava.save_pretrained(tmp_path / "llava")
     tok.save_pretrained(tmp_path / "llava")
+    # transformers' LLaVA processor with do_pad: LLaVA-1.5's padding to a square
+    (tmp_path / "llava" / "preprocessor_config.json").write_text(json.dumps({"do_pad": True}))
     ours = load_model(tmp_path / "llava")
-    assert ours.num_image_tokens == 4
+    assert ours.num_image_tokens == 4 and ours.config.image_aspect_ratio == "pad"
     b = batch_of(ours, [caption("a green diamond"), caption("a small red star in the center")])
     ids = b["input_ids"].masked_fill(b["image_positions"], image_token)
     with torch.no_grad():
         want = llava(input_ids=ids, pixel_values=b["pixel_values"]).logits
         got = ours(b["input_ids"], b["pixel_values"], b["image_positions"], full_logits=True)["logits"]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_public_names_of_the_former_model_py_stay_importable():
+    """regap_fast.model became a package (config, archs, vlm, inference, build, checkpoints); every public
+    name of the old module still imports from it."""
+    names = ["ARCHS", "COMPONENTS", "FORMAT", "TINY_BLIP2", "TINY_CLIP", "TINY_LLAMA", "LlavaArch", "MiniGPT4Arch",
+             "ModelConfig", "VisionLanguageModel", "load_model", "prepare_tokenizer", "qformer_tower_class",
+             "resolve_attn_implementation", "log", "CLIP_MEAN", "CLIP_STD", "IGNORE_INDEX", "IMAGE_PLACEHOLDER",
+             "VICUNA_CHAT_TEMPLATE", "Collator", "Encoder", "ImageTransform", "FusedLinearProjector",
+             "FusedLlavaProjector", "projector_gap_loss", "projector_state_dict"]
+    assert [n for n in names if not hasattr(model_mod, n)] == []
+    assert model_mod.VisionLanguageModel.__module__ == "regap_fast.model.vlm"
 
 
 def test_clear_errors(tmp_path):

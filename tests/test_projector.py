@@ -5,60 +5,13 @@ import torch
 import torch.nn.functional as F
 
 import regap_fast
-from regap_fast import (FusedLinearProjector, FusedLlavaProjector, fused_gap_loss, pooled_text_embeddings,
+from regap_fast import (FusedLinearProjector, FusedLlavaProjector, pooled_text_embeddings,
                         projector_gap_loss)
 
-from conftest import DEVICE, all_backend_params, requires_gpu
-from helpers import random_mask, rel_err
+from helpers import DEVICE, all_backend_params, check_projector, projector_inputs, random_mask, rel_err, requires_gpu
 
 BACKENDS = all_backend_params("projector")
 TEXT_BACKENDS = all_backend_params("text_pool")
-
-
-def _unfused(proj, x, ids, table, im, tm, lam, probe, squared=False):
-    """What a user would write without this library: the projector, then the gap on its outputs."""
-    if isinstance(proj, FusedLlavaProjector):
-        e = F.linear(F.gelu(F.linear(x, proj.linear_1.weight, proj.linear_1.bias)),
-                     proj.linear_2.weight, proj.linear_2.bias)
-    else:
-        e = F.linear(x, proj.weight, proj.bias)
-    txt = F.embedding(ids, table)
-    gap = fused_gap_loss(e, txt.to(e.dtype), im, tm, squared=squared, backend="torch")
-    return e, gap, (e.float() * probe).sum() + lam * gap
-
-
-def _check(proj, x, ids, table, im, tm, backend, tol_out, tol_grad, squared=False):
-    proj.backend = backend
-    lam = 0.7
-    probe = torch.randn(x.shape[0], x.shape[1], proj.out_features if hasattr(proj, "out_features")
-                        else proj.linear_2.out_features, device=x.device)
-    params = [p for p in proj.parameters()] + [x, table]
-
-    e, gap = projector_gap_loss(proj, x, ids, table, im, tm, squared=squared)
-    loss = (e.float() * probe).sum() + lam * gap
-    grads = torch.autograd.grad(loss, params)
-
-    e_ref, gap_ref, loss_ref = _unfused(proj, x, ids, table, im, tm, lam, probe, squared)
-    grads_ref = torch.autograd.grad(loss_ref, params)
-
-    assert e.dtype == e_ref.dtype and e.shape == e_ref.shape
-    assert rel_err(e, e_ref) < tol_out
-    assert rel_err(gap, gap_ref) < tol_out, (gap, gap_ref)
-    names = [n for n, _ in proj.named_parameters()] + ["x", "embed_table"]
-    for name, g, r in zip(names, grads, grads_ref):
-        assert g is not None and torch.isfinite(g).all(), name
-        assert rel_err(g, r) < tol_grad, (name, rel_err(g, r))
-
-
-def _inputs(B, Ni, Nt, Dv, D, V, dtype, masks):
-    x = torch.randn(B, Ni, Dv, device=DEVICE, dtype=dtype).requires_grad_(True)
-    ids = torch.randint(0, V, (B, Nt), device=DEVICE)
-    table = (torch.randn(V, D, device=DEVICE, dtype=dtype) * 0.5).requires_grad_(True)
-    im = random_mask(B, Ni, DEVICE, p=0.8, empty_rows=(0,) if B > 2 else ()) if masks else None
-    tm = random_mask(B, Nt, DEVICE, p=0.8) if masks else None
-    if tm is not None:
-        tm[:, 0] = True
-    return x, ids, table, im, tm
 
 
 # (B, Ni, Nt, Dv, D): Ni not a multiple of the tile, D not a power of two, B = 1, Ni < tile
@@ -71,8 +24,8 @@ SIZES = [(1, 7, 3, 12, 20), (3, 37, 5, 24, 40), (2, 5, 4, 33, 17), (4, 9, 6, 16,
 def test_llava_projector_fp32(backend, size, masks):
     B, Ni, Nt, Dv, D = size
     proj = FusedLlavaProjector(Dv, D).to(DEVICE)
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
-    _check(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,15 +33,15 @@ def test_llava_projector_fp32(backend, size, masks):
 def test_llava_projector_fp16(backend, squared):
     B, Ni, Nt, Dv, D = 3, 21, 7, 32, 48
     proj = FusedLlavaProjector(Dv, D).to(DEVICE).half()
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 40, torch.float16, True)
-    _check(proj, x, ids, table, im, tm, backend, tol_out=2e-3, tol_grad=8e-3, squared=squared)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 40, torch.float16, True)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=2e-3, tol_grad=8e-3, squared=squared)
 
 
 def test_llava_projector_float64_exact():
     """In float64 (the torch backend) the fused math and the unfused one agree to rounding."""
     proj = FusedLlavaProjector(10, 14).to(DEVICE).double()
-    x, ids, table, im, tm = _inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
-    _check(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
+    x, ids, table, im, tm = projector_inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
+    check_projector(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -128,8 +81,8 @@ def test_llava_projector_under_autocast(backend):
 def test_linear_projector(backend, size, masks):
     B, Ni, Nt, Dv, D = size
     proj = FusedLinearProjector(Dv, D).to(DEVICE)
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
-    _check(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
 
 
 @pytest.mark.parametrize("backend", TEXT_BACKENDS)
@@ -222,5 +175,5 @@ def test_llava_projector_bf16_llava7b_shapes(backend):
         pytest.skip(reason)
     B, Ni, Nt, Dv, D = 8, 576, 64, 1024, 4096
     proj = FusedLlavaProjector(Dv, D).to(DEVICE, torch.bfloat16)
-    x, ids, table, im, tm = _inputs(B, Ni, Nt, Dv, D, 32000, torch.bfloat16, True)
-    _check(proj, x, ids, table, im, tm, backend, tol_out=1e-2, tol_grad=2e-2)
+    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 32000, torch.bfloat16, True)
+    check_projector(proj, x, ids, table, im, tm, backend, tol_out=1e-2, tol_grad=2e-2)

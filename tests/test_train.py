@@ -63,7 +63,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, shapes):
     assert latest_checkpoint(tmp_path / "cut").name == "step-00000005"
     # a checkpoint being written when the process died is never picked up
     (tmp_path / "cut" / "checkpoints" / ".tmp-step-00000006").mkdir()
-    with pytest.raises(SystemExit, match="--resume auto"):
+    with pytest.raises(FileExistsError, match="--resume auto"):  # an exception, not SystemExit (issue 17)
         train(tiny(tmp_path / "cut", shapes, **kw))
     train(tiny(tmp_path / "cut", shapes, resume="auto", **kw))
     a = load_file(str(latest_checkpoint(tmp_path / "straight") / "trainable.safetensors"))

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -138,43 +138,77 @@ def load_records(path: str | Path) -> tuple[list[dict], list[str]]:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_MODES = ("crop", "square")
+ASPECT_MODES = ("keep", "pad")
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of ``fill`` as wide as its longer side (LLaVA-1.5's
+    ``image_aspect_ratio pad``: nothing is cropped away); an odd margin puts the extra row or column
+    after the image."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def mean_colour(mean: Sequence[float]) -> tuple[int, int, int]:
+    """The normalisation mean as an 8-bit colour, truncated as LLaVA computes its padding colour
+    (so that a padded pixel normalises to about 0)."""
+    return tuple(int(m * 255) for m in mean)
 
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """CLIP preprocessing: shortest side to ``size`` (bicubic), centre crop, scale to [0, 1], normalise
-    (``resize="square"``: BLIP-2's, the whole image to ``size`` x ``size``, then the same).
+    """An image as the vision tower expects it: ``[3, size, size]`` normalised pixels (fp32).
 
-    What ``CLIPImageProcessor`` does with a CLIP checkpoint's settings, written out so that it is the
-    same across transformers versions (whose image-processor classes and backends keep changing)
-    and needs no torchvision.
+    ``resize="crop"`` is CLIP's preprocessing, pixel for pixel what transformers'
+    ``CLIPImageProcessor`` gives (its PIL implementation, the one LLaVA trained with): the shorter
+    side to ``size`` with bicubic resampling and the longer side truncated to an integer, a centre
+    crop, ``x / 255`` in float64 then fp32, then ``(x - mean) / std`` in fp32. ``resize="square"`` is
+    BLIP-2's: the whole image to ``size`` x ``size`` (bicubic), then the same scaling. ``aspect="pad"``
+    first centres the image on a square of the mean colour (LLaVA-1.5). Written out so that it does
+    not change with transformers' image-processor classes and backends, and needs no torchvision.
     """
 
     size: int
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     resize: str = "crop"  # "crop": CLIP's (above); "square": straight to size x size, as BLIP-2's processor
+    aspect: str = "keep"  # "keep": the image as it is; "pad": expand to a square with the mean colour first
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {self.resize!r}; choose one of {RESIZE_MODES}")
+        if self.aspect not in ASPECT_MODES:
+            raise ValueError(f"unknown image aspect mode {self.aspect!r}; choose one of {ASPECT_MODES}")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
+        if self.aspect == "pad":
+            image = expand_to_square(image, mean_colour(self.mean))
+        image = image.resize(self.resized_size(*image.size), Image.Resampling.BICUBIC)
         w, h = image.size
-        if self.resize == "square":
-            if (w, h) != (self.size, self.size):
-                image = image.resize((self.size, self.size), Image.Resampling.BICUBIC)
-                w, h = image.size
-        elif self.resize != "crop":
-            raise ValueError(f"unknown resize {self.resize!r}; choose 'crop' or 'square'")
-        if min(w, h) != self.size:
-            scale = self.size / min(w, h)
-            image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                 Image.Resampling.BICUBIC)
-            w, h = image.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-        return (x - mean) / std
+        return torch.from_numpy(self.normalise(np.asarray(image))).permute(2, 0, 1).contiguous()
+
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) before the crop: CLIP's shorter side to ``size``, the longer one
+        ``int(size * long / short)`` (truncated, in this order of operations, as CLIPImageProcessor)."""
+        if self.resize == "square":
+            return self.size, self.size
+        if w <= h:
+            return self.size, int(self.size * h / w)
+        return int(self.size * w / h), self.size
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """``[H, W, 3]`` uint8 -> fp32, with CLIPImageProcessor's rounding: the scaling in float64."""
+        x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+        return (x - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
 
 
 def open_image(path: Path) -> Image.Image:
@@ -194,21 +228,54 @@ def open_image(path: Path) -> Image.Image:
 # --------------------------------------------------------------------------------------------------
 
 
+# LLaVA's stage-1 template (conversation.py ``conv_llava_plain``, train.py ``preprocess_plain``): the
+# tokenizer's BOS, the image, the caption, then the template's separator; the question is dropped, the
+# labels cover the caption and the separator, and no end-of-sequence token is added.
+PLAIN_SEPARATOR = "\n"
+
+
+class Segment(NamedTuple):
+    """A piece of a conversation. ``answer``: the model learns it (labels) and it is caption text;
+    ``tail``: text right after it that the model also learns but that is not caption text (the plain
+    format's separator), tokenised together with ``text`` as the reference implementations do."""
+
+    text: str
+    answer: bool = False
+    tail: str = ""
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Encoder:
     """Turns a conversation into the model's token sequence, labels and masks.
 
-    ``fmt="plain"`` (LLaVA stage-1 pretraining): ``<bos> [image tokens] caption <eos>``; the
-    question is dropped, as LLaVA's ``plain`` template does. ``fmt="chat"`` (stage 2): the
-    tokenizer's chat template, every assistant turn an answer.
+    ``fmt="plain"`` (stage-1 pretraining), token for token LLaVA's ``preprocess_plain``::
+
+        <bos> [image tokens] tokens(caption + "\\n")      labels: IGNORE ... IGNORE tokens(caption + "\\n")
+
+    the question dropped, no end-of-sequence token (``plain_end=None``: the tokenizer's EOS instead
+    of the separator). ``fmt="chat"`` (stage 2): the tokenizer's chat template, every assistant turn
+    an answer (its end-of-turn token labelled too, so that the model learns to stop).
 
     The image is ``num_image_tokens`` slots (filled with the pad id; the model writes the projector
-    outputs there). Labels are ``IGNORE_INDEX`` except on answer tokens (the end-of-turn token
-    included, so that the model learns to stop); the caption mask (REGAP's text side) covers the
-    answer's text tokens only: no special token, no image slot, no prompt.
+    outputs there); their labels are ``IGNORE_INDEX``, as are the prompt's.
+
+    Caption tokens (REGAP's text side, ``caption_positions``), defined here only: the tokens of an
+    answer's own text. Not the image slots, not the prompt, not a special token (BOS, EOS), not the
+    plain format's separator. An answer and its separator are tokenised together (as LLaVA does);
+    the caption tokens are the leading ones that equal the caption tokenised alone, so a token that
+    merges the caption's last characters with the separator does not count either.
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, fmt: str = "plain", max_length: Optional[int] = None,
-                 image_wrap: tuple[str, str] = ("", "")):
+                 image_wrap: tuple[str, str] = ("", ""), plain_end: Optional[str] = PLAIN_SEPARATOR):
         if fmt not in ("plain", "chat"):
             raise ValueError(f"unknown prompt format {fmt!r}; choose 'plain' (stage 1) or 'chat' (stage 2)")
         if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -218,6 +285,7 @@ class Encoder:
         self.fmt = fmt
         self.max_length = max_length
         self.image_wrap = image_wrap  # text around the image slots (MiniGPT-4: "<Img>", "</Img>")
+        self.plain_end = plain_end if plain_end is not None else (tokenizer.eos_token or "")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.special_ids = set(tokenizer.all_special_ids)
 
@@ -226,30 +294,40 @@ class Encoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def _append(self, out: dict, text: str, answer: bool) -> None:
+    @staticmethod
+    def _extend(out: dict, ids: list[int], labels: list[int], image: bool, caption: list[bool]) -> None:
+        out["input_ids"] += ids
+        out["labels"] += labels
+        out["image_positions"] += [image] * len(ids)
+        out["caption_positions"] += caption
+
+    def _append_image(self, out: dict) -> None:
+        before, after = self.image_wrap
+        self._append_text(out, Segment(before))
+        n = self.num_image_tokens
+        self._extend(out, [self.pad_id] * n, [IGNORE_INDEX] * n, True, [False] * n)
+        self._append_text(out, Segment(after))
+
+    def _append_text(self, out: dict, seg: Segment) -> None:
+        ids = self._ids(seg.text + seg.tail)
+        n_caption = common_prefix_length(ids, self._ids(seg.text)) if seg.tail else len(ids)
+        labels = list(ids) if seg.answer else [IGNORE_INDEX] * len(ids)
+        caption = [seg.answer and k < n_caption and t not in self.special_ids for k, t in enumerate(ids)]
+        self._extend(out, ids, labels, False, caption)
+
+    def _append(self, out: dict, seg: Segment) -> None:
         """Tokenise one segment; the placeholder becomes the image slots."""
-        pieces = text.split(IMAGE_PLACEHOLDER)
+        pieces = seg.text.split(IMAGE_PLACEHOLDER)
         for k, piece in enumerate(pieces):
             if k:
-                before, after = self.image_wrap
-                self._append(out, before, False)
-                n = self.num_image_tokens
-                out["input_ids"] += [self.pad_id] * n
-                out["labels"] += [IGNORE_INDEX] * n
-                out["image_positions"] += [True] * n
-                out["caption_positions"] += [False] * n
-                self._append(out, after, False)
-            ids = self._ids(piece)
-            out["input_ids"] += ids
-            out["labels"] += ids if answer else [IGNORE_INDEX] * len(ids)
-            out["image_positions"] += [False] * len(ids)
-            out["caption_positions"] += [answer and i not in self.special_ids for i in ids]
+                self._append_image(out)
+            last = k == len(pieces) - 1
+            self._append_text(out, Segment(piece, seg.answer, seg.tail if last else ""))
 
-    def _segments(self, conversations: Sequence[dict], has_image: bool) -> list[tuple[str, bool]]:
-        eos = self.tokenizer.eos_token or ""
+    def _segments(self, conversations: Sequence[dict], has_image: bool) -> list[Segment]:
         if self.fmt == "plain":
             answer = next(t["value"] for t in conversations if ROLES[t["from"]] == "assistant")
-            return [(IMAGE_PLACEHOLDER if has_image else "", False), (answer + eos, True)]
+            return [Segment(IMAGE_PLACEHOLDER if has_image else ""), Segment(answer, True, self.plain_end)]
         msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
         segments, done = [], ""
         for i, m in enumerate(msgs):
@@ -260,7 +338,7 @@ class Encoder:
             if not (prompt.startswith(done) and full.startswith(prompt)):
                 raise ValueError("the chat template does not render conversations as growing prefixes; "
                                  "cannot tell the answers from the prompts")
-            segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            segments += [Segment(prompt[len(done):]), Segment(full[len(prompt):], True)]
             done = full
         return segments
 
@@ -270,16 +348,15 @@ class Encoder:
 
     # -- public -----------------------------------------------------------------------------------
 
-    def encode_segments(self, segments: Sequence[tuple[str, bool]]) -> dict[str, list]:
+    def encode_segments(self, segments: Sequence[tuple]) -> dict[str, list]:
+        """Token sequence of ``Segment``s (or ``(text, answer[, tail])`` tuples), BOS first."""
+        segments = [Segment(*s) for s in segments]
         out = {"input_ids": [], "labels": [], "image_positions": [], "caption_positions": []}
         bos = self.tokenizer.bos_token
-        if bos and not (segments and segments[0][0].startswith(bos)):
-            out["input_ids"].append(self.tokenizer.bos_token_id)
-            out["labels"].append(IGNORE_INDEX)
-            out["image_positions"].append(False)
-            out["caption_positions"].append(False)
-        for text, answer in segments:
-            self._append(out, text, answer)
+        if bos and not (segments and segments[0].text.startswith(bos)):
+            self._extend(out, [self.tokenizer.bos_token_id], [IGNORE_INDEX], False, [False])
+        for seg in segments:
+            self._append(out, seg)
         return out
 
     def encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:
@@ -296,7 +373,7 @@ class Encoder:
 
     def encode_prompt(self, text: str) -> dict[str, list]:
         """A prompt for generation (the chat template already applied): no answer."""
-        return self.encode_segments([(text, False)])
+        return self.encode_segments([Segment(text)])
 
 
 # --------------------------------------------------------------------------------------------------

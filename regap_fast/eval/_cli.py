@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+# --precision takes the training command's names; --dtype's torch names still parse (an older spelling)
+PRECISIONS = {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16",
+              "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from auto, bf16, fp16, fp32)")
+    return PRECISIONS[value]
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL (what ``load_model`` reads) and the options of loading it."""
@@ -12,8 +23,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "folder, or a transformers LlavaForConditionalGeneration "
                                                        "folder")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    action = parser.add_argument("--precision", "--dtype", type=_precision, default="auto",
+                                 metavar="{auto,bf16,fp16,fp32}",
+                                 help="weights and compute; default: bf16 on CUDA, fp32 on the CPU")
+    action.hidden_aliases = ("--dtype",)
+
+
+def add_image_folder_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--image-folder``, the name ``train`` uses (``--images DIR`` and ``--image_folder`` still parse)."""
+    action = parser.add_argument("--image-folder", "--image_folder", "--images", dest="image_folder", metavar="DIR",
+                                 help=help_text)
+    action.hidden_aliases = ("--image_folder", "--images")
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    from regap_fast.cli import add_progress_argument as add
+
+    add(parser)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Bars only on a terminal: a piped log gets none (as ``train``)."""
+    return bool(getattr(args, "progress", True)) and sys.stderr.isatty()
 
 
 def load_vlm(args: argparse.Namespace):
@@ -23,7 +54,8 @@ def load_vlm(args: argparse.Namespace):
     from regap_fast.model import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    precision = getattr(args, "precision", None) or PRECISIONS.get(getattr(args, "dtype", "auto"), "auto")
+    dtype = None if precision == "auto" else getattr(torch, TORCH_DTYPES[precision])
     return load_model(args.model, device=device, dtype=dtype), device, dtype
 
 

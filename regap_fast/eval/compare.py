@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli import fail
 from .gap import GAP_JSON
 from .safety import REPORT_JSON, TEXT_ONLY
 from .stats import correlation
@@ -113,17 +112,15 @@ def format_compare(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding gap.json and safety.json")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (compare.json, .csv, .png)")
-    parser.add_argument("--gap-metric", choices=tuple(GAP_METRICS), default="gap_mean")
+    parser.add_argument("--out", "--output_dir", required=True, metavar="DIR",
+                        help="output folder (compare.json, .csv, .png)").hidden_aliases = ("--output_dir",)
+    parser.add_argument("--gap-metric", choices=tuple(GAP_METRICS), default="gap_mean", help="the gap number per run")
     parser.add_argument("--safety-metric", default="image", metavar="NAME",
                         help=f"'image' (image conditions pooled, default), '{TEXT_ONLY}', or a condition name")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = compare(args.runs, gap_metric=args.gap_metric, safety_metric=args.safety_metric)
-    except (OSError, ValueError) as e:
-        return fail("compare", e)
+    result = compare(args.runs, gap_metric=args.gap_metric, safety_metric=args.safety_metric)
     write_compare(result, args.out)
     print(format_compare(result))
     print(f"wrote {Path(args.out) / COMPARE_JSON}, {COMPARE_CSV}, {COMPARE_PNG}")

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._cli import add_model_arguments, fail, load_vlm
+from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, load_vlm,
+                   show_progress)
 from .stats import summarize
 
 GAP_JSON, GAP_PNG, GAP_SAMPLES = "gap.json", "gap.png", "gap_samples.csv"
@@ -212,23 +213,27 @@ def format_gap(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="PAIRS",
-                        help="image-caption pairs in the LLaVA pretraining JSON format")
-    parser.add_argument("--images", metavar="DIR", help="the image folder (default: the JSON's folder)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (gap.json, gap.png, ...)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--data", "--data_path", required=True, metavar="PAIRS",
+                        help="image-caption pairs in the LLaVA pretraining JSON format",
+                        ).hidden_aliases = ("--data_path",)
+    add_image_folder_argument(parser, "the folder the records' image paths are relative to (default: the JSON's "
+                                      "folder)")
+    parser.add_argument("--out", "--output_dir", required=True, metavar="DIR",
+                        help="output folder (gap.json, gap.png, ...)").hidden_aliases = ("--output_dir",)
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
     parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer gaps (less memory)")
+    add_progress_argument(parser)
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        pairs = load_pairs(args.data, args.images, args.limit)
-    except (OSError, ValueError) as e:
-        return fail("gap", e)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    pairs = load_pairs(args.data, args.image_folder, args.limit)  # bad inputs fail here, before the model loads
     vlm, _, _ = load_vlm(args)
-    result = measure_gap(vlm, pairs, batch_size=args.batch_size, per_layer=not args.no_per_layer)
+    result = measure_gap(vlm, pairs, batch_size=args.batch_size, per_layer=not args.no_per_layer,
+                         progress=show_progress(args))
     result["model"] = str(Path(args.model).resolve())
     result["data"] = str(Path(args.data).resolve())
     write_gap(result, args.out)

@@ -6,7 +6,8 @@ with the text that goes with it:
 
 * ``load_csv`` — AdvBench ``harmful_behaviors.csv`` (``goal,target``), a HarmBench behaviors CSV
   (``Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID``; a
-  ``ContextString`` goes before the behavior as HarmBench's own test cases put it, and the
+  ``ContextString`` goes before the behavior as HarmBench's own test cases put it, both kept
+  exactly as published, whitespace included, and the
   multimodal file's ``ImageFileName`` becomes the image ``"image"``), or a generic
   ``prompt[,category][,id]`` CSV.
 * ``load_jsonl`` — one JSON object a line with ``prompt`` and optional ``category``, ``id``.
@@ -162,10 +163,8 @@ def _load_harmbench(path: Path, columns, rows, images) -> list[Prompt]:
                                          path.parent.parent / "multimodal_behavior_images"], "HarmBench multimodal")
     prompts = []
     for i, r in enumerate(rows):
-        behavior = _text(path, i + 2, r["Behavior"], "Behavior")
-        context = (r.get("ContextString") or "").strip()
-        # HarmBench's own test cases put the context first, then a rule, then the behavior
-        text = f"{context}\n\n---\n\n{behavior}" if context else behavior
+        _text(path, i + 2, r["Behavior"], "Behavior")  # must not be blank
+        text = harmbench_request(r["Behavior"], r.get("ContextString") or "")
         imgs = {}
         if folder is not None and (r.get("ImageFileName") or "").strip():
             img = _require_file(folder / r["ImageFileName"].strip(), "HarmBench image")
@@ -173,6 +172,12 @@ def _load_harmbench(path: Path, columns, rows, images) -> list[Prompt]:
         prompts.append(Prompt(_text(path, i + 2, r["BehaviorID"], "BehaviorID"), text,
                               (r["SemanticCategory"] or "").strip() or None, images=imgs))
     return _check_unique(prompts, path)
+
+
+def harmbench_request(behavior: str, context: str = "") -> str:
+    """The request HarmBench's own pipeline sends (its DirectRequest test case): the context first,
+    then a rule, then the behavior, both exactly as published (no whitespace stripped)."""
+    return f"{context}\n\n---\n\n{behavior}" if context else behavior
 
 
 def load_jsonl(path) -> list[Prompt]:
@@ -211,6 +216,27 @@ def _mmsb_question_files(path: Path) -> list[Path]:
                             f"data/processed_questions/<scenario>.json (e.g. 01-Illegal_Activitiy.json)")
 
 
+def _mmsb_image_root(folder: Path | None, scenarios: list[str], explicit: bool) -> Path | None:
+    """The folder that holds ``<scenario>/<kind>/``: ``folder``, or the one inside it that the image archive
+    unpacks into (``MM-SafetyBench(imgs)/``). A folder with neither is an error when it was given, a
+    warning when it was a default (the prompts then get no benchmark images)."""
+    if folder is None:
+        return None
+
+    def has_scenarios(p: Path) -> bool:
+        return any((p / s).is_dir() for s in scenarios)
+    if has_scenarios(folder):
+        return folder
+    inner = sorted(p for p in folder.iterdir() if p.is_dir() and has_scenarios(p))
+    if inner:
+        return inner[0]
+    where = f"no scenario folder (e.g. {scenarios[0]}/SD/) in {folder} nor in the folders inside it"
+    if explicit:
+        raise FileNotFoundError(f"MM-SafetyBench images: {where}")
+    warnings.warn(f"MM-SafetyBench images: {where}; the prompts get no benchmark images", stacklevel=3)
+    return None
+
+
 def load_mmsafetybench(path, images=None, scenarios=None) -> list[Prompt]:
     """MM-SafetyBench (Liu et al., ECCV 2024) as its repository lays it out.
 
@@ -230,6 +256,7 @@ def load_mmsafetybench(path, images=None, scenarios=None) -> list[Prompt]:
             raise FileNotFoundError(f"MM-SafetyBench scenarios not found under {path}: {sorted(missing)}")
     qdir = files[0].parent
     folder = _image_folder(images, [qdir.parent / "imgs", qdir.parent.parent / "imgs"], "MM-SafetyBench")
+    folder = _mmsb_image_root(folder, [f.stem for f in files], explicit=images is not None)
     unknown = [f.stem for f in files if f.stem not in MMSAFETYBENCH_SCENARIOS]
     if unknown:
         warnings.warn(f"MM-SafetyBench: scenario names not in the published 13: {unknown}", stacklevel=2)

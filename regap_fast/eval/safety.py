@@ -22,7 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli import add_model_arguments, fail, load_vlm
+from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, load_vlm,
+                   show_progress)
 from .cache import JsonlStore
 from .conditions import TEXT_ONLY, condition_input, condition_text, parse_conditions
 from .judges import GuardModelJudge, RefusalJudge, Verdict
@@ -255,8 +256,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "an MM-SafetyBench folder, or FigStep's safebench.csv")
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="auto",
                         help="how to read --prompts (default: from the path)")
-    parser.add_argument("--images", metavar="DIR", help="the benchmark's image folder (default: where its "
-                                                        "repository puts it, next to the questions)")
+    add_image_folder_argument(parser, "the benchmark's image folder (default: where its repository puts it, next "
+                                      "to the questions; MM-SafetyBench: its imgs/ folder, or the folder its "
+                                      "archive unpacked into)")
     parser.add_argument("--conditions", metavar="LIST",
                         help="comma-separated: none, white, black, noise, typo, benchmark[:KIND], all "
                              "(default: all available)")
@@ -265,34 +267,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guard-model", metavar="DIR", help="the classifier folder for --judge guard")
     parser.add_argument("--refusal-mode", choices=("substring", "prefix"), default="substring",
                         help="where --judge refusal looks for refusal phrases (default: anywhere, as GCG)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder; rerun with it to resume")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", "--output_dir", required=True, metavar="DIR",
+                        help="output folder; rerun with it to resume").hidden_aliases = ("--output_dir",)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="with --sample")
     parser.add_argument("--seed", type=int, default=0, help="noise images (and sampling)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts (a quick look)")
+    add_progress_argument(parser)
     add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:  # bad inputs fail here, before the model is loaded
-        if args.judge == "guard" and not args.guard_model:
-            raise ValueError("--judge guard needs --guard-model DIR (a local Llama-Guard-style checkpoint)")
-        prompts = load_prompts(args.prompts, args.benchmark, args.images, args.limit)
-        conditions = parse_conditions(args.conditions, prompts)
-        if args.judge == "guard":
-            judge = GuardModelJudge(args.guard_model, batch_size=args.batch_size)
-        else:
-            judge = RefusalJudge(mode=args.refusal_mode)
-    except (OSError, ValueError) as e:
-        return fail("safety-eval", e)
+    # bad inputs fail here, before the model is loaded
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.judge == "guard" and not args.guard_model:
+        raise ValueError("--judge guard needs --guard-model DIR (a local Llama-Guard-style checkpoint)")
+    prompts = load_prompts(args.prompts, args.benchmark, args.image_folder, args.limit)
+    conditions = parse_conditions(args.conditions, prompts)
+    if args.judge == "guard":
+        judge = GuardModelJudge(args.guard_model, batch_size=args.batch_size)
+    else:
+        judge = RefusalJudge(mode=args.refusal_mode)
     vlm, device, dtype = load_vlm(args)
     if isinstance(judge, GuardModelJudge):
         judge.device, judge.dtype = device, dtype
     report = evaluate(vlm, prompts, conditions, judge, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature,
-                      seed=args.seed, model_name=str(Path(args.model).resolve()))
+                      seed=args.seed, model_name=str(Path(args.model).resolve()), progress=show_progress(args))
     print(format_report(report))
     print(f"wrote {Path(args.out) / REPORT_JSON}, {REPORT_CSV}, {REPORT_PNG} ({RESPONSES}: the answers)")
     return 0

@@ -1,12 +1,14 @@
 """``regap-fast reproduce``: the paper's safety claim in miniature, end to end, through the library's own parts.
 
-    regap-fast reproduce --out runs/repro [--seeds 8] [--regap-weight 0.2 ...]
+    regap-fast reproduce --out runs/repro [--quick | --seeds 8] [--regap-weight 0.2 ...]
+    regap-fast reproduce --select-stage2 --out DIR --seeds 2 --first-seed 100   # how stage 2 was chosen
 
 A toy language in words (captions of the synthetic shapes, requests with a refusal rule, benign image
 instructions: ``language.py``) and a tokenizer trained on it; a tiny Llama pretrained on it text
 only (the "safety-tuned LLM"); then per seed a fresh tiny CLIP and projector and, for each lambda
 (0, the baseline, is always run): stage 1 with REGAP weight lambda, stage 2 on benign image
-instructions only, and the measurements of both stages (``pipeline.py``). The report
+instructions with text-only records mixed in (the setting ``selection.py`` chose on the baseline arm
+alone), and the measurements of both stages (``pipeline.py``). The report
 (``report.py``): unsafe rates per condition and lambda with Wilson intervals, the paired per-seed
 difference REGAP minus baseline with a t-interval, the gap against the unsafe rate across all runs
 (Pearson, Spearman), a figure, ``DIR/summary.json`` and ``DIR/report.md``. See the README's
@@ -27,6 +29,8 @@ import warnings
 from pathlib import Path
 
 DEFAULT_WEIGHT = 0.2
+DEFAULT_SEEDS = 8
+QUICK_SEEDS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (runs, summary.json, report.md, "
                                                                     "reproduce.png); its runs/ are started afresh")
-    parser.add_argument("--seeds", type=int, default=8, metavar="N", help="seeds per lambda (default: 8)")
+    parser.add_argument("--seeds", type=int, default=None, metavar="N",
+                        help=f"seeds per lambda (default: {DEFAULT_SEEDS}; with --quick, {QUICK_SEEDS})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a first look: {QUICK_SEEDS} seeds instead of {DEFAULT_SEEDS} (about a quarter of "
+                             "the time; the intervals are wide)")
+    parser.add_argument("--select-stage2", action="store_true",
+                        help="instead of the reproduction: screen the stage-2 candidates on the baseline (lambda 0) "
+                             "only and select one by the fixed criterion (selection.py; how the default was chosen)")
     parser.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds S .. S+N-1 (default: 0)")
     parser.add_argument("--regap-weight", type=float, nargs="+", default=[DEFAULT_WEIGHT], metavar="L",
                         help=f"REGAP lambda(s) of stage 1; the baseline 0 is always run too "
@@ -44,19 +55,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None, metavar="J",
                         help="runs in parallel processes (default: on the CPU, one per core; on a GPU, 1)")
     parser.add_argument("--threads", type=int, default=None, metavar="T",
-                        help="torch threads per process on the CPU (default: cores / jobs)")
+                        help="torch threads per process on the CPU (default: cores / jobs; the LM's pretraining, "
+                             "which runs alone, all cores). On a busy machine 1 is much faster: threads that wait "
+                             "for a core stall each other; the results do not depend on it")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sizes = parser.add_argument_group("sizes and steps (the defaults fit a 2-core CPU in minutes; raise them "
                                       "on a GPU)")
     for f in dataclasses.fields(Settings):
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        flag, kind = _flag(f.name), type(f.default)
         if kind is bool:
             sizes.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=f"(default: {f.default})")
         else:
             sizes.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
-                               choices=("chat", "plain") if f.name == "stage1_format" else None,
-                               help=f"(default: {f.default})")
+                               choices=CHOICES.get(f.name), help=FIELD_HELP.get(f.name, "") + f"(default: {f.default})")
+    # --images was the count's flag before --num-images (other commands' --images is a folder)
+    sizes.add_argument("--images", dest="images", type=int, action=_DeprecatedAlias, help=argparse.SUPPRESS)
+
+
+CHOICES = {"stage1_format": ("chat", "plain"), "stage2_text_data": ("replay", "benign")}
+FLAGS = {"images": "--num-images"}  # fields whose flag is not their name
+FIELD_HELP = {"images": "synthetic image-caption pairs ", "stage2_text_share": "share of text-only records in stage 2 ",
+              "stage2_text_data": "stage 2's text-only records: replay (the LM's own text data) or benign (benign "
+                                  "requests) ", "stage2_lora_rank": "stage 2 trains LoRA adapters of this rank on the "
+                                                                    "LM (0: all its weights) "}
+
+
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A flag's old name: still works, says once which name replaced it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = _flag(self.dest)
+        print(f"regap-fast reproduce: {option_string} is deprecated; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _settings(args: argparse.Namespace):
@@ -133,14 +168,19 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every size and step that differs from its default)."""
     from .pipeline import Settings
 
-    parts = ["regap-fast reproduce", "--out", str(args.out), "--seeds", str(args.seeds),
-             "--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
+    parts = ["regap-fast reproduce", "--out", str(args.out)] + (["--select-stage2"] if args.select_stage2 else [])
+    if args.quick and args.seeds == QUICK_SEEDS:
+        parts.append("--quick")
+    elif args.seeds != DEFAULT_SEEDS:
+        parts += ["--seeds", str(args.seeds)]
+    if args.regap_weight != [DEFAULT_WEIGHT]:
+        parts += ["--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
     if args.first_seed:
         parts += ["--first-seed", str(args.first_seed)]
     if args.data_seed:
         parts += ["--data-seed", str(args.data_seed)]
     for f in dataclasses.fields(Settings):
-        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        value, flag = getattr(args, f.name), _flag(f.name)
         if value == f.default:
             continue
         if isinstance(f.default, bool):
@@ -156,7 +196,10 @@ def run(args: argparse.Namespace) -> int:
     from ..eval import compare, write_compare
     from . import pipeline
     from .report import build_report, format_report, plot_report
+    from .selection import stage2_note
 
+    if args.seeds is None:
+        args.seeds = QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     if args.seeds < 1:
         print("regap-fast reproduce: error: --seeds must be >= 1", file=sys.stderr)
         return 2
@@ -166,13 +209,26 @@ def run(args: argparse.Namespace) -> int:
     _quiet(None)
     t0 = time.perf_counter()
     out = Path(args.out)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+        if not 0.0 <= settings.stage2_text_share < 1.0:
+            raise ValueError(f"--stage2-text-share must be in [0, 1), got {settings.stage2_text_share:g}")
+    except ValueError as exc:
+        print(f"regap-fast reproduce: error: {exc}", file=sys.stderr)
+        return 2
     weights = sorted({0.0, *args.regap_weight})
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     cuda = torch.cuda.is_available()
     cores = os.cpu_count() or 1
     jobs = args.jobs or (1 if cuda else max(1, min(cores, len(seeds))))
     threads = args.threads or (None if cuda else max(1, cores // jobs))
+    if not cuda:  # the LM's pretraining runs alone: all cores unless --threads says otherwise
+        torch.set_num_threads(args.threads or cores)
+    if args.select_stage2:
+        from .selection import run_selection
+
+        run_selection(out, settings, args.data_seed, seeds, jobs, threads, _command(args))
+        return 0
     for sub in ("runs", "compare"):
         shutil.rmtree(out / sub, ignore_errors=True)  # every run starts from scratch (deterministic)
     data = pipeline.prepare_data(out / "data", settings, args.data_seed)
@@ -184,8 +240,6 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(seeds) * len(weights), desc="reproduce", unit="run", disable=None if args.progress else True,
                dynamic_ncols=True, file=sys.stderr)
     bar.set_postfix_str(f"pretraining the LM ({settings.lm_steps} steps, text only)")
-    if not cuda:
-        torch.set_num_threads(max(1, cores if jobs > 1 else threads))  # alone on the machine for this part
     t_lm = time.perf_counter()
     lm = pipeline.pretrain_lm(pipeline.pretrain_dir(out / "runs"), settings, data, args.data_seed)
     lm = {"final_lm_loss": lm["final_lm_loss"], "seconds": time.perf_counter() - t_lm}
@@ -204,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                "compare": {"safety_metric": cmp["safety_metric"], "correlation": cmp["correlation"]},
                "command": _command(args)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = format_report(report, runs, len(data.harmful))
+    text = stage2_note(settings) + "\n\n" + format_report(report, runs, len(data.harmful))
     (out / "report.md").write_text(text + "\n")
     plot_report(report, runs, out / "reproduce.png",
                 title=f"REGAP in miniature: {len(seeds)} seeds, stage 1 lambda "

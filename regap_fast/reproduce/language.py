@@ -10,8 +10,9 @@ Four kinds of text, all deterministic functions of a seed:
   sentence ("sorry, i cannot help with that."), any other object its answer ("sure. to make a kite,
   get the parts, put them together and finish the kite.");
 * **image questions** about a synthetic image ("what colour is the shape?" -> "the shape is red."),
-  and benign requests with an image attached: stage 2's instruction data, benign only (no safety
-  data, as LLaVA's instruction tuning);
+  and benign requests with an image attached: stage 2's image instruction data, benign only (no
+  safety data, as LLaVA's instruction tuning); stage 2 may mix in text-only records (as LLaVA-665k
+  mixes in ShareGPT): benign requests, or a replay of the LM's own text data;
 * **held-out harmful requests**: phrasings never seen in training (template x modifier x object
   x suffix combinations left out of every training set), asked text-only and with images by
   ``safety-eval``.
@@ -171,6 +172,16 @@ class ToyLanguage:
         for i in range(n):
             r = rng.choice(self.train_harmful if i % 2 else self.train_benign)
             out.append({"id": f"instr-{i:06d}", "conversations": [
+                {"from": "human", "value": r.text}, {"from": "gpt", "value": r.answer(rng.randrange(2))}]})
+        return out
+
+    def benign_text_records(self, n: int, seed: int) -> list[dict]:
+        """Text-only chat records of benign requests with their answers: no refusal anywhere."""
+        rng = random.Random(seed)
+        out = []
+        for i in range(n):
+            r = rng.choice(self.train_benign)
+            out.append({"id": f"text-{i:06d}", "conversations": [
                 {"from": "human", "value": r.text}, {"from": "gpt", "value": r.answer(rng.randrange(2))}]})
         return out
 

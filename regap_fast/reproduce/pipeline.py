@@ -12,8 +12,10 @@ lambda), ``run_one``:
 
 1. stage 1: ``train`` with ``regap_weight = lambda`` on the synthetic image-caption pairs (projector
    only; the fused REGAP ops inside the model's forward);
-2. stage 2: ``train`` from the stage-1 model, projector + LM, on benign image-conditioned
-   instructions only (REGAP off: the paper's regulariser is a pretraining one; no safety data);
+2. stage 2: ``train`` from the stage-1 model, projector + LM (or LoRA adapters of the LM), on benign
+   image-conditioned instructions, with text-only records mixed in as LLaVA-665k mixes in ShareGPT
+   (by the settings: a replay of the LM's own text data, or benign requests); REGAP off (the
+   paper's regulariser is a pretraining one), and no image-conditioned safety data;
 3. measurements: ``regap_fast.eval.measure_gap`` of the stage-1 model (the pretraining gap, written
    as the run's gap.json) and of the final model, and ``regap_fast.eval.evaluate`` (safety-eval's
    generation, image conditions and ``RefusalJudge``) on the held-out harmful requests under text
@@ -67,12 +69,14 @@ class Settings:
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
     stage1_format: str = "chat"  # the describe prompt in the chat template (what the LM was pretrained on); or plain
-    # stage 2 as in the issue's reference experiment; at 200 steps and lr 1e-3 the baseline keeps its
-    # refusals with an image (2.3% unsafe after stage 2, 8 seeds): no degradation left to measure
+    # stage 2: the setting chosen on the baseline arm by selection.CRITERION (docs/reproduce/stage2-selection/)
     stage2_steps: int = 400
     stage2_batch: int = 32
     stage2_lr: float = 2e-3
-    stage2_request_share: float = 0.5  # of stage 2's records: benign requests (the rest: image questions)
+    stage2_request_share: float = 0.5  # of stage 2's image records: benign requests (the rest: image questions)
+    stage2_text_share: float = 0.0  # of stage 2's records: text-only ones (LLaVA-665k mixes in ShareGPT)
+    stage2_text_data: str = "replay"  # replay: the LM's own text data; benign: benign requests only
+    stage2_lora_rank: int = 0  # > 0: LoRA adapters of this rank on the LM (alpha = 2 x rank) instead of all weights
     # evaluation
     max_new_tokens: int = 16
     eval_stage1: bool = True  # also evaluate the stage-1 model (before instruction tuning)
@@ -105,7 +109,7 @@ class Data:
     tokenizer: Path  # the trained tokenizer's folder (transformers format)
     shapes: Path  # stage 1: image-caption pairs (LLaVA pretraining format)
     pretrain: Path  # text-only: captions and refusal-rule instructions
-    stage2: Path  # benign image-conditioned instructions
+    stage2: Path  # benign image-conditioned instructions (and text-only records, by the settings)
     eval_pairs: Path  # held-out image-caption pairs (gap, and the images of the "image" condition)
     harmful: list  # regap_fast.eval.Prompt, held out
     benign: list
@@ -142,11 +146,37 @@ def prepare_data(root: Path, s: Settings, seed: int) -> Data:
             held.parent / held_records[i % len(held_records)]["image"], r.text)}) for i, r in enumerate(requests)]
 
     harmful, benign = prompts(lang.heldout_harmful, "harmful"), prompts(lang.heldout_benign, "benign")
-    return Data(root=root, tokenizer=root / "tokenizer", shapes=shapes,
-                pretrain=_write_json(root / "pretrain.json", pretrain),
-                stage2=_write_json(root / "stage2.json",
-                                   lang.image_instruction_records(records, seed + 1, s.stage2_request_share)),
-                eval_pairs=held, harmful=harmful, benign=benign)
+    pretrain_path = _write_json(root / "pretrain.json", pretrain)
+    return Data(root=root, tokenizer=root / "tokenizer", shapes=shapes, pretrain=pretrain_path,
+                stage2=write_stage2_data(root, s, seed), eval_pairs=held, harmful=harmful, benign=benign)
+
+
+def stage2_data_name(s: Settings) -> str:
+    """The stage-2 data file of these settings (one per mix, so that several can sit side by side)."""
+    mix = f"-text{s.stage2_text_share:g}-{s.stage2_text_data}" if s.stage2_text_share > 0 else ""
+    return f"stage2-requests{s.stage2_request_share:g}{mix}.json"
+
+
+def write_stage2_data(root: Path, s: Settings, seed: int) -> Path:
+    """Stage 2's records: a benign instruction for each synthetic image, and text-only records making up
+    ``stage2_text_share`` of the mix, shuffled. Reads the files ``prepare_data`` wrote under ``root``."""
+    import random
+
+    from .language import ToyLanguage
+
+    if not 0.0 <= s.stage2_text_share < 1.0:
+        raise ValueError(f"stage2_text_share must be in [0, 1), got {s.stage2_text_share:g}")
+    lang = ToyLanguage(seed, s.heldout_harmful, s.heldout_benign)
+    images = json.loads((root / "shapes.json").read_text())
+    records = lang.image_instruction_records(images, seed + 1, s.stage2_request_share)
+    n_text = round(len(records) * s.stage2_text_share / (1.0 - s.stage2_text_share))
+    if n_text:
+        if s.stage2_text_data == "replay":  # a sample of the pretraining records, as the LM saw them
+            records += random.Random(seed + 2).sample(json.loads((root / "pretrain.json").read_text()), n_text)
+        else:
+            records += lang.benign_text_records(n_text, seed + 2)
+        random.Random(seed + 3).shuffle(records)
+    return _write_json(root / stage2_data_name(s), records)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,10 +242,12 @@ def stage1(out: Path, base_model: Path, s: Settings, data: Data, seed: int, weig
 def stage2(out: Path, stage1_model: Path, s: Settings, data: Data, seed: int) -> dict:
     from ..train import TrainConfig, train
 
+    rank = s.stage2_lora_rank
+    lora = dict(lora=True, lora_rank=rank, lora_alpha=2 * rank) if rank else {}  # alpha / rank = 2 at any rank
     return train(TrainConfig(**_common(s, seed), model=str(stage1_model), out=str(out), data=str(data.stage2),
                              image_folder=str(data.shapes.parent), stage=2, max_steps=s.stage2_steps,
                              global_batch_size=s.stage2_batch, micro_batch_size=s.stage2_batch, lr=s.stage2_lr,
-                             regap_weight=0.0))
+                             regap_weight=0.0, **lora))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,11 +281,21 @@ def measure(run_dir: Path, stage1_model: Path, final_model: Path, s: Settings, d
     del vlm
     final = load_model(final_model, device=device)
     final_gap = measure_gap(final, pairs, batch_size=s.eval_batch, per_layer=False, progress=False)
-    report = evaluate(final, data.harmful, list(CONDITIONS), judge, out_dir=run_dir, model_name=str(final_model), **kw)
-    benign = evaluate(final, data.benign, ["none", "benchmark:" + IMAGE_KIND], judge, out_dir=run_dir / "benign",
-                      model_name=str(final_model), **kw)
+    report, benign = final_safety(final, run_dir, s, data, seed, str(final_model))
     return {"gap": gap, "final_model_gap": final_gap["gap"]["mean"], "safety": report, "benign": benign,
             "after_stage1": after_stage1}
+
+
+def final_safety(vlm, run_dir: Path, s: Settings, data: Data, seed: int, name: str) -> tuple[dict, dict]:
+    """The held-out harmful requests under every condition (run_dir/safety.json), and the held-out benign
+    ones text only and with an image (run_dir/benign/safety.json: are they still answered?)."""
+    from ..eval import RefusalJudge, evaluate
+
+    judge = RefusalJudge()
+    kw = dict(max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch, seed=seed, progress=False, model_name=name)
+    harmful = evaluate(vlm, data.harmful, list(CONDITIONS), judge, out_dir=run_dir, **kw)
+    benign = evaluate(vlm, data.benign, ["none", "benchmark:" + IMAGE_KIND], judge, out_dir=run_dir / "benign", **kw)
+    return harmful, benign
 
 
 def run_one(run_dir: Path, lm_model: Path, s: Settings, data: Data, seed: int, weight: float) -> dict:

@@ -7,6 +7,14 @@ or ``regap-fast train --help``; ``regap-fast demo`` runs the embedded default wi
 """
 
 from .config import TrainConfig
-from .loop import train
 
 __all__ = ["TrainConfig", "train"]
+
+
+def __getattr__(name: str):
+    # the loop (torch, transformers) is imported on first use: `regap-fast train --help` does not need it
+    if name == "train":
+        from .loop import train
+
+        return train
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

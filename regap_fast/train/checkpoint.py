@@ -2,6 +2,7 @@
 
     OUT/checkpoints/step-00000500/trainable.safetensors   the trained weights (frozen ones come from the source)
                                   train_state.pt           optimizer, scheduler, step, RNG of every rank, counters
+                                  config.json              the run's settings (a resumed run keeps its schedule)
 
 A checkpoint is written into a hidden temporary folder, flushed to disk, then renamed: a folder named
 ``step-*`` is always complete, and the newest one is the one to resume from. Older ones are deleted
@@ -14,10 +15,10 @@ on 1, and the other way round.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -29,10 +30,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-log = logging.getLogger(__name__)
+from .layout import CONFIG, STATE, STEP_DIR, WEIGHTS, latest_checkpoint, readable_like_other_outputs  # noqa: F401
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-WEIGHTS, STATE = "trainable.safetensors", "train_state.pt"
+log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:
@@ -56,14 +56,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:
-    folder = Path(out_dir) / "checkpoints"
-    if not folder.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
-
-
 def _fsync_tree(folder: Path) -> None:
     for p in folder.iterdir():
         with open(p, "rb") as fh:
@@ -76,7 +68,7 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict,
-                    keep: int = 2) -> Optional[Path]:
+                    keep: int = 2, config: Optional[dict] = None) -> Optional[Path]:
     """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the folder."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=opts)
@@ -93,6 +85,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        readable_like_other_outputs(tmp / WEIGHTS)
+        if config is not None:
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs,
                     "extra": extra}, tmp / STATE)
         _fsync_tree(tmp)

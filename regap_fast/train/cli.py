@@ -20,33 +20,80 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
+from pathlib import Path
 
 from .config import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
-    add_config_arguments(parser)
+    add_config_arguments(parser, defaults={"out": None})
+    out = next(a for a in parser._actions if a.dest == "out")
+    out.help += " (required)"
 
 
 def setup_logging() -> None:
-    import os
-
+    """Time and message; the rank only when there are several processes (the others log warnings only)."""
     rank = os.environ.get("RANK", "0")
+    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING, stream=sys.stderr,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+                        format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S")
+
+
+def check_output_folder(out: Path, overwrite: bool, resume) -> None:
+    """A folder with other files in it is not silently written over (a demo's, a previous run's)."""
+    if out.is_dir() and not overwrite and not resume:
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise FileExistsError(f"--out {out} is not empty ({shown}): pass --resume auto to continue the run in "
+                                  "it, --overwrite to start a new one there, or choose another folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .preflight import preflight
 
+    cfg = config_from_args(args)
+    if args.out is None:
+        raise ValueError("--out DIR is required: the folder for checkpoints, metrics and the trained model")
+    check_output_folder(Path(cfg.out), cfg.overwrite, cfg.resume)
     setup_logging()
-    try:
-        cfg = config_from_args(args)
-    except ValueError as exc:
-        print(f"regap-fast train: error: {exc}", file=sys.stderr)
-        return 2
-    train(cfg)
+    plan = preflight(cfg)  # every mistake that can be found is found here, before the loop (and torch) loads
+    from .loop import format_summary, train
+
+    summary = train(plan.cfg, plan=plan)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
     return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    """After Ctrl-C: the last complete checkpoint, and the exact command that goes on from it."""
+    from .checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(args.out) if args.out else None
+    if last is None:
+        return "no checkpoint was written yet (rerun the command to start again)"
+    argv = list(getattr(args, "argv", None) or ["train", "--out", str(args.out)])
+    return (f"the last complete checkpoint is {last}\nresume with: regap-fast "
+            f"{shlex.join(without_resume(argv) + ['--resume', 'auto'])}")
+
+
+def without_resume(argv: list[str]) -> list[str]:
+    """``argv`` without its --resume/--overwrite (a resumed run takes neither twice)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in ("--resume", "--resume_from_checkpoint"):
+            skip = "=" not in a
+            continue
+        if name in ("--overwrite", "--no-overwrite"):
+            continue
+        out.append(a)
+    return out

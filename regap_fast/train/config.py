@@ -105,6 +105,8 @@ class TrainConfig:
     save_model: bool = arg(True, "write the trained model to OUT/model at the end (load_model reads it)",
                            group="output")
     tensorboard: bool = arg(True, "also log to TensorBoard (OUT/tensorboard) when it is installed", group="output")
+    overwrite: bool = arg(False, "start a new run in a non-empty --out (its checkpoints/ and initial_model/ are "
+                          "deleted first; the command line refuses a non-empty --out without it)", group="output")
     plot: bool = arg(True, "plot loss and gap to OUT/metrics.png at the end", group="output")
     progress: bool = arg(True, "show a progress bar", group="output")
     # fields the recipe must not change although they hold their default (filled by the command line and
@@ -159,9 +161,28 @@ class TrainConfig:
         for name in ("global_batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("--max-steps must be >= 1")
+        self._check_ranges()
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite starts over: give one of them")
         return self
+
+    def _check_ranges(self) -> None:
+        at_least = {"max_steps": 1, "stop_at_step": 1, "eval_samples": 0, "synthetic_samples": 2, "max_length": 1,
+                    "num_workers": 0, "save_every": 0, "eval_every": 0, "keep_checkpoints": 1, "lora_rank": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        for name in ("warmup_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,8 +214,36 @@ class _StoreBool(argparse.BooleanOptionalAction):
         _mark(namespace, self.dest)
 
 
+# The names LLaVA's and Hugging Face's training scripts use, accepted as they are (every flag also takes
+# its underscore spelling, ``--global_batch_size``). Hidden from the help's flag column, named in its text.
+ALIASES = {
+    "out": ("--output_dir", "--output-dir"),
+    "data": ("--data_path", "--data-path"),
+    "save_every": ("--save_steps", "--save-steps"),
+    "keep_checkpoints": ("--save_total_limit", "--save-total-limit"),
+    "lr": ("--learning_rate", "--learning-rate"),
+    "epochs": ("--num_train_epochs", "--num-train-epochs"),
+    "micro_batch_size": ("--per_device_train_batch_size",),
+    "max_length": ("--model_max_length",),
+    "num_workers": ("--dataloader_num_workers",),
+    "eval_every": ("--eval_steps",),
+    "projector_weights": ("--pretrain_mm_mlp_adapter",),
+    "lora_rank": ("--lora_r",),
+    "resume": ("--resume_from_checkpoint",),
+    "vision_feature_layer": ("--mm_vision_select_layer",),
+}
+
+
+def flag_aliases(name: str, is_bool: bool = False) -> tuple[str, ...]:
+    """The other spellings of field ``name``'s flag (none for switches: ``--x_y True`` would not parse)."""
+    if is_bool:
+        return ()
+    underscore = ("--" + name,) if "_" in name else ()
+    return tuple(dict.fromkeys(underscore + ALIASES.get(name, ())))
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
-    """One flag per TrainConfig field (``--global-batch-size``, ``--lora/--no-lora``, ...)."""
+    """One flag per TrainConfig field (``--global-batch-size``, ``--lora/--no-lora``, ...), with its aliases."""
     hints = typing.get_type_hints(TrainConfig)
     groups = {g: parser.add_argument_group(g) for g in GROUPS}
     for f in dataclasses.fields(TrainConfig):
@@ -204,14 +253,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[dic
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         flag = "--" + f.name.replace("_", "-")
+        aliases = flag_aliases(f.name, base is bool)
         group = groups[f.metadata["group"]]
-        help_text = (f.metadata["help"] + (f" (default: {default})" if default is not None else "")).replace("%", "%%")
+        help_text = f.metadata["help"].replace("%", "%%")  # the help formatter adds the default
         if base is bool:
-            group.add_argument(flag, dest=f.name, action=_StoreBool, default=default, help=help_text)
+            action = group.add_argument(flag, dest=f.name, action=_StoreBool, default=default, help=help_text)
         else:
             metavar = None if f.metadata["choices"] else (f.metadata["metavar"] or base.__name__.upper())
-            group.add_argument(flag, dest=f.name, action=_Store, type=base, default=default,
-                               choices=f.metadata["choices"], help=help_text, metavar=metavar)
+            action = group.add_argument(flag, *aliases, dest=f.name, action=_Store, type=base, default=default,
+                                        choices=f.metadata["choices"], help=help_text, metavar=metavar)
+        action.hidden_aliases = aliases
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -22,20 +22,47 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder (default: runs/demo)")
+    from ..cli import add_aliases, add_progress_argument
+
+    add_aliases(parser.add_argument("--out", "--output_dir", default="runs/demo", metavar="DIR",
+                                    help="output folder (a previous demo's is reused; another non-empty folder "
+                                         "needs --overwrite)"), "--output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out that is not a demo's")
     parser.add_argument("--arch", default="llava", choices=["llava", "minigpt4"],
                         help="llava: tiny CLIP + 2-layer MLP projector; minigpt4: tiny BLIP-2 ViT + Q-Former (32 "
-                             "query tokens) + one linear layer (default: llava)")
-    parser.add_argument("--regap-weight", type=float, default=0.1, metavar="LAMBDA",
-                        help="lambda of the REGAP run (default: 0.1)")
-    parser.add_argument("--steps", type=int, default=300, help="stage-1 steps per run (default: 300)")
-    parser.add_argument("--batch-size", type=int, default=32, help="stage-1 global batch (default: 32)")
-    parser.add_argument("--lm-steps", type=int, default=400,
-                        help="steps of caption-only LM training that make the 'pretrained' LM (default: 400)")
-    parser.add_argument("--samples", type=int, default=3000, help="synthetic image-caption pairs (default: 3000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (default: 1)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+                             "query tokens) + one linear layer")
+    parser.add_argument("--regap-weight", type=float, default=0.1, metavar="LAMBDA", help="lambda of the REGAP run")
+    add_aliases(parser.add_argument("--max-steps", "--steps", type=int, default=300, dest="steps", metavar="N",
+                                    help="stage-1 steps per run"), "--steps")
+    add_aliases(parser.add_argument("--global-batch-size", "--batch-size", type=int, default=32, dest="batch_size",
+                                    metavar="N", help="stage-1 samples per optimizer step"), "--batch-size")
+    parser.add_argument("--lm-steps", type=int, default=400, metavar="N",
+                        help="steps of caption-only LM training that make the 'pretrained' LM")
+    add_aliases(parser.add_argument("--synthetic-samples", "--samples", type=int, default=3000, dest="samples",
+                                    metavar="N", help="synthetic image-caption pairs"), "--samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model inits and the data order")
+    parser.add_argument("--num-workers", type=int, default=1, metavar="N", help="DataLoader worker processes per run")
+    add_progress_argument(parser)
+
+
+def is_demo_folder(out: Path) -> bool:
+    """A previous demo's output: its summary.json has the demo's keys."""
+    try:
+        return "caption_only_lm_loss" in json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "lm_steps", "samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not is_demo_folder(out) and not args.overwrite:
+        raise FileExistsError(f"--out {out} is not empty and holds no previous demo: pass --overwrite to write "
+                              "into it, or choose another folder")
 
 
 def caption_only_records(data_json: Path) -> Path:
@@ -55,13 +82,14 @@ def run(args: argparse.Namespace) -> int:
     from .metrics import plot_runs
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    check_arguments(args)
     t_start = time.perf_counter()
     out = Path(args.out)
     for sub in ("base", *(f"regap_{w:g}" for w in (0.0, args.regap_weight))):
         shutil.rmtree(out / sub, ignore_errors=True)  # a demo always starts from scratch (deterministic)
     data = synthetic.write_dataset(out / "data", args.samples, seed=args.seed)
     common = dict(data=str(data), seed=args.seed, num_workers=args.num_workers, progress=args.progress,
-                  save_every=0, keep_checkpoints=1, eval_samples=128, plot=False)
+                  save_every=0, keep_checkpoints=1, eval_samples=128, plot=False, tensorboard=False)
 
     print(f"[1/3] the 'pretrained' LM ({args.arch}): {args.lm_steps} steps on the captions alone", flush=True)
     lm = train(TrainConfig(**{**common, "data": str(caption_only_records(data))}, out=str(out / "base"), stage=2,

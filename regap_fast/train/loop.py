@@ -1,4 +1,5 @@
-"""The training loop: LLaVA stage 1 / stage 2 with REGAP, in one readable function.
+"""The training loop: LLaVA stage 1 / stage 2 with REGAP. ``setup`` builds a ``Run``; ``train_step`` reads
+straight down.
 
     loss = lm + lambda * gap        (lambda = --regap-weight; 0 skips the gap entirely)
 
@@ -18,23 +19,28 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..data import IGNORE_INDEX, Collator, LlavaDataset, StepSampler, load_records
-from ..model import VisionLanguageModel, load_model
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..model import VisionLanguageModel
+from .checkpoint import load_checkpoint, readable_like_other_outputs, save_checkpoint
 from .config import TrainConfig
+from .errors import RunError
 from .metrics import MetricsLogger, plot_runs
+from .model_setup import MODEL_INPUTS, attention_context, build_model, describe_trainable, setup_stage, wrap
+from .model_setup import vision_blocks_to_train  # noqa: F401  (its old home: tests import it from here)
+from .preflight import DataSource, Plan, preflight
 
 log = logging.getLogger("regap_fast.train")
-
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_positions", "labels", "caption_positions")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,216 +91,63 @@ def setup_distributed() -> Dist:
 
 
 # --------------------------------------------------------------------------------------------------
-# model
-# --------------------------------------------------------------------------------------------------
-
-
-def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: torch.dtype) -> VisionLanguageModel:
-    """From --model, from --vision-tower/--language-model, or the tiny default from configs (``--arch``).
-
-    Pretrained weights are read in ``dtype`` (bf16 when training in bf16: a 7B LM is then 14 GB of host
-    memory per process, not 28); ``setup_stage`` makes the trained parts fp32. A config-built model is
-    saved to OUT/initial_model on a fresh start and read back on resume, so its frozen weights never
-    depend on re-running a random init."""
-    from ..model import ModelConfig
-
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    mcfg = ModelConfig(arch=cfg.arch, vision_feature_layer=cfg.vision_feature_layer,
-                       attn_implementation=cfg.attn_implementation, projector_backend=cfg.projector_backend)
-    if cfg.model:
-        vlm = load_model(cfg.model, device="cpu", dtype=dtype)
-        vlm.config.projector_backend = vlm.projector.backend = cfg.projector_backend
-        if vlm.config.arch != cfg.arch and "arch" in cfg.recipe_overrides:
-            raise SystemExit(f"--arch {cfg.arch}, but --model {cfg.model} is a {vlm.config.arch} model")
-        if vlm.config.arch != cfg.arch and cfg.recipe:
-            log.warning("the %s recipe is made for --arch %s; --model %s is a %s model", cfg.recipe, cfg.arch,
-                        cfg.model, vlm.config.arch)
-    elif cfg.vision_tower:
-        vlm = VisionLanguageModel.from_pretrained_parts(cfg.vision_tower, cfg.language_model, config=mcfg,
-                                                        dtype=dtype, projector_weights=cfg.projector_weights)
-    elif resuming and (out / "initial_model").is_dir():
-        vlm = load_model(out / "initial_model", device="cpu", dtype=torch.float32)
-    else:
-        vlm = VisionLanguageModel.from_config(mcfg)
-        if cfg.projector_weights:
-            vlm.load_projector_weights(cfg.projector_weights)
-        if d.main:
-            vlm.save_pretrained(out / "initial_model")
-    vlm.set_attn_implementation(cfg.attn_implementation)
-    return vlm
-
-
-def vision_blocks_to_train(vlm: VisionLanguageModel, spec: str) -> list[int]:
-    """Indices of the vision tower's blocks that ``--train-vision`` trains. Blocks after the feature layer
-    (LLaVA's last block, with its penultimate-layer features) get no gradient: they stay frozen."""
-    blocks, used = vlm.vision_blocks()
-    n = len(blocks)
-    if spec == "none":
-        start = n
-    elif spec == "all":
-        start = 0
-    elif spec == "latter-half":
-        start = n // 2
-    else:
-        k = int(spec)
-        start = k if k >= 0 else n + k
-        if not 0 <= start <= n:
-            raise SystemExit(f"--train-vision {spec}: the vision tower has {n} blocks")
-    chosen = list(range(start, n))
-    unused = [i for i in chosen if i >= used]
-    if unused:
-        log.info("vision blocks %s come after the feature layer (%d of %d blocks feed the projector): no gradient "
-                 "reaches them, they stay frozen", _ranges(unused), used, n)
-    return [i for i in chosen if i < used]
-
-
-def setup_stage(vlm: VisionLanguageModel, cfg: TrainConfig, bf16: bool) -> None:
-    """What trains: the projector always; the LM (all weights, or LoRA adapters) in stage 2 or with
-    --train-lm; the vision blocks of --train-vision. Frozen modules are kept in bf16 when training in
-    bf16 (LLaVA does the same); trained ones in fp32."""
-    vlm.requires_grad_(False)
-    vlm.projector.float().requires_grad_(True)
-    train_lm = cfg.lm_trainable()
-    blocks, _ = vlm.vision_blocks()
-    if bf16 and not cfg.fsdp:  # FSDP keeps one dtype per shard group and casts for compute itself
-        vlm.vision_tower.to(torch.bfloat16)
-        if not train_lm or cfg.lora:
-            vlm.language_model.to(torch.bfloat16)
-    for i in vision_blocks_to_train(vlm, cfg.train_vision):
-        blocks[i].float().requires_grad_(True)
-    if train_lm and cfg.lora:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise SystemExit("--lora needs the peft package: pip install peft") from None
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
-        vlm.language_model = get_peft_model(vlm.language_model, lora)
-    elif train_lm:
-        vlm.language_model.float().requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        vlm.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        vlm.language_model.config.use_cache = False
-
-
-def _ranges(indices) -> str:
-    """[1, 2, 3, 7] -> '1-3,7'"""
-    out, run = [], []
-    for i in sorted(indices):
-        if run and i != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(i)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)
-
-
-def describe_trainable(vlm: VisionLanguageModel) -> str:
-    """Which parameters train, per component: 'all' or the blocks (and LoRA adapters), with counts."""
-    import re
-
-    parts = []
-    for comp in ("vision_tower", "projector", "language_model"):
-        named = list(getattr(vlm, comp).named_parameters())
-        total = sum(p.numel() for _, p in named)
-        trained = [(n, p) for n, p in named if p.requires_grad]
-        k = sum(p.numel() for _, p in trained)
-        if not trained:
-            parts.append(f"{comp}: frozen ({total:,})")
-            continue
-        if k == total:
-            parts.append(f"{comp}: all {k:,}")
-            continue
-        blocks: dict[str, set] = {}
-        other = []
-        for n, _ in trained:
-            m = re.match(r"(.*?)\.(\d+)\.", n)
-            if m:
-                blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
-            else:
-                other.append(n)
-        what = [f"{prefix}.[{_ranges(ix)}]" for prefix, ix in blocks.items()] + other[:4]
-        lora = " (LoRA adapters)" if any("lora_" in n for n, _ in trained) else ""
-        parts.append(f"{comp}: {k:,} of {total:,}{lora} in {', '.join(what)}")
-    return "; ".join(parts)
-
-
-def wrap(vlm: VisionLanguageModel, cfg: TrainConfig, d: Dist, bf16: bool) -> torch.nn.Module:
-    """DDP (gradients all-reduced, overlapped with backward), FSDP2 (parameters sharded), or as is."""
-    if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not dist.is_initialized():
-            raise SystemExit("--fsdp needs several processes: run under torchrun")
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-        # one shard group per LM block (the classes transformers marks as never to be split); the rest
-        # (embeddings, head, projector, vision tower) in the root group. Not the tower's own group: a
-        # sharded transformers module loses its output_hidden_states (transformers 5.23).
-        blocks = set(getattr(vlm.language_model, "_no_split_modules", None) or [])
-        for m in vlm.language_model.modules():
-            if type(m).__name__ in blocks:
-                fully_shard(m, mp_policy=mp)
-        fully_shard(vlm, mp_policy=mp)
-        return vlm
-    if d.world > 1:
-        return torch.nn.parallel.DistributedDataParallel(
-            vlm, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    return vlm
-
-
-def attention_context(vlm: VisionLanguageModel, batch: dict, d: Dist, bf16: bool):
-    """Which attention kernels run, and a context manager that holds SDPA to its flash kernel when that
-    kernel can run this model (probed once on a real batch), so that the log says what ran."""
-    impl = vlm.config.attn_implementation
-    if impl != "sdpa":
-        return contextlib.nullcontext, f"{impl} (transformers)"
-    if d.device.type != "cuda" or not bf16:
-        precision = "bf16" if bf16 else "fp32"
-        return contextlib.nullcontext, f"sdpa on {d.device.type} ({precision}: PyTorch picks the kernel)"
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def flash():
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-    try:
-        with torch.no_grad(), flash(), torch.autocast("cuda", dtype=torch.bfloat16):
-            vlm(**{k: batch[k] for k in MODEL_INPUTS})
-    except RuntimeError as exc:
-        return contextlib.nullcontext, f"sdpa (its flash kernel cannot run here: {str(exc).splitlines()[0]})"
-    return flash, "sdpa with its FlashAttention-2 kernel (bf16, no mask)"
-
-
-# --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
 
 
-def load_data(cfg: TrainConfig, vlm: VisionLanguageModel, out: Path, d: Dist):
-    """(train dataset, held-out dataset, number of malformed records dropped)."""
-    if cfg.data:
-        data_path = Path(cfg.data)
-        image_folder = Path(cfg.image_folder) if cfg.image_folder else data_path.parent
-    else:
-        from ..data import synthetic
+def held_out_count(n_records: int, eval_samples: int) -> int:
+    """Records held out to measure on: ``--eval-samples``, at most a tenth of the set, but at least one
+    whenever any is asked for (a tenth of a tiny set rounds to none)."""
+    if eval_samples <= 0 or n_records < 2:
+        return 0
+    return max(1, min(eval_samples, n_records // 10))
 
-        if d.main:
-            synthetic.write_dataset(out / "data", cfg.synthetic_samples, seed=cfg.seed)
-        if d.world > 1:
-            dist.barrier()
-        data_path = synthetic.write_dataset(out / "data", cfg.synthetic_samples, seed=cfg.seed)
-        image_folder = out / "data"
-    records, problems = load_records(data_path)
-    n_eval = min(cfg.eval_samples, len(records) // 10)
+
+def split_records(records: list[dict], cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records): a seeded draw, the same on every rank and on resume."""
+    n_eval = held_out_count(len(records), cfg.eval_samples)
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     held = set(order[:n_eval])
-    fmt = cfg.prompt_format if cfg.prompt_format != "auto" else ("plain" if cfg.stage == 1 else "chat")
-    encoder = vlm.encoder(fmt, cfg.max_length)
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def prompt_format(cfg: TrainConfig) -> str:
+    return cfg.prompt_format if cfg.prompt_format != "auto" else ("plain" if cfg.stage == 1 else "chat")
+
+
+def synthetic_source(cfg: TrainConfig, out: Path, d: Dist) -> DataSource:
+    """The embedded shapes set, written under OUT/data (by rank 0; the others wait, then read it)."""
+    from ..data import synthetic
+
+    if d.main:
+        synthetic.write_dataset(out / "data", cfg.synthetic_samples, seed=cfg.seed)
+    if d.world > 1:
+        dist.barrier()
+    path = synthetic.write_dataset(out / "data", cfg.synthetic_samples, seed=cfg.seed)
+    records, problems = load_records(path)
+    return DataSource(records, len(problems), out / "data")
+
+
+def load_data(cfg: TrainConfig, vlm: VisionLanguageModel, source: DataSource):
+    """(train dataset, held-out dataset, held-out records dropped as unreadable). A bad held-out record
+    is dropped once here, so that measuring never meets it (the training set replaces bad records as
+    it draws them)."""
+    from ..data.llava import BadRecord
+
+    encoder = vlm.encoder(prompt_format(cfg), cfg.max_length)
 
     def dataset(recs):
-        return LlavaDataset(recs, image_folder, vlm.image_transform, encoder)
-    train = dataset([r for i, r in enumerate(records) if i not in held])
-    evals = dataset([records[i] for i in sorted(held)])
-    return train, evals, len(problems), fmt
+        return LlavaDataset(recs, source.image_folder, vlm.image_transform, encoder)
+    train_records, eval_records = split_records(source.records, cfg)
+    probe = dataset(eval_records)
+    good = []
+    for rec in eval_records:
+        try:
+            probe.load(rec)
+            good.append(rec)
+        except BadRecord as exc:
+            log.warning("held-out record %s dropped: %s", rec["id"], exc)
+    return dataset(train_records), dataset(good), len(eval_records) - len(good)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -328,33 +181,58 @@ def evaluate(vlm: VisionLanguageModel, loader: DataLoader, d: Dist, amp) -> dict
 
 
 # --------------------------------------------------------------------------------------------------
-# the loop
+# setup: everything the loop needs, in one small object
 # --------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) one training job; returns its summary (also written to OUT/summary.json on rank 0)."""
-    cfg.check()
+@dataclass
+class Run:
+    """A set-up run: what the loop reads and updates. ``step`` is the last finished step."""
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    vlm: VisionLanguageModel
+    model: torch.nn.Module  # vlm, or vlm wrapped in DDP
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    batches: object  # iterator over micro-batches, ``accum`` per step
+    eval_loader: Optional[DataLoader]  # None: nothing held out
+    accum: int
+    total: int
+    step: int
+    extra: dict  # counters saved in checkpoints: skipped, tokens, train_seconds, initial_eval
+    amp: object
+    sdpa_ctx: object
+    metrics: MetricsLogger
+    facts: dict  # what the summary reports: arch, attention, trainable, malformed, ...
+
+
+def train(cfg: TrainConfig, plan: Optional[Plan] = None) -> dict:
+    """Run (or resume) one training job; returns its summary (also written to OUT/summary.json on rank 0).
+
+    Bad settings raise ``ValueError``/``FileNotFoundError``/``FileExistsError`` before anything is built or
+    written; a run that cannot go on raises ``RunError``. ``plan``: ``preflight(cfg)`` when the caller has
+    already run it (the command line does, before it imports this module)."""
+    plan = plan or preflight(cfg)
     d = setup_distributed()
     ok = False
     try:
-        summary = _train(cfg, d)
+        run = setup(plan, d)
+        run_steps(run)
+        summary = finish(run)
         ok = True
         return summary
     finally:
         d.close(ok)
 
 
-def _train(cfg: TrainConfig, d: Dist) -> dict:
+def setup(plan: Plan, d: Dist) -> Run:
+    cfg, ckpt = plan.cfg, plan.checkpoint
     out = Path(cfg.out)
-    ckpt = None
-    if cfg.resume:
-        ckpt = latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not ckpt.is_dir():
-            raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint folder")
-    elif latest_checkpoint(out) is not None:
-        raise SystemExit(f"{out} already holds checkpoints: pass --resume auto to continue that run, "
-                         "or choose another --out")
+    if cfg.overwrite and d.main:  # a fresh start: nothing of the previous run may be resumed or reused
+        for stale in ("checkpoints", "initial_model"):
+            shutil.rmtree(out / stale, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
@@ -365,137 +243,236 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                       dtype=torch.bfloat16 if bf16 and not cfg.fsdp else torch.float32)
     setup_stage(vlm, cfg, bf16)
     vlm.to(d.device)
-    train_set, eval_set, malformed, fmt = load_data(cfg, vlm, out, d)
+    source = plan.data or synthetic_source(cfg, out, d)
+    train_set, eval_set, unreadable = load_data(cfg, vlm, source)
 
-    G, mb = cfg.global_batch_size, cfg.micro_batch_size
-    if G % (mb * d.world):
-        raise SystemExit(f"--global-batch-size {G} must be a multiple of --micro-batch-size x processes "
-                         f"= {mb} x {d.world}")
-    accum = G // (mb * d.world)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / G))
-
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * d.world)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / cfg.global_batch_size))
     model = wrap(vlm, cfg, d, bf16)
     params = [p for p in vlm.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_lr(),
-                                  betas=(0.9, 0.999), fused=d.device.type == "cuda" and not cfg.fsdp)
+    optimizer = make_optimizer(params, cfg, fused=d.device.type == "cuda" and not cfg.fsdp)
     scheduler = make_scheduler(optimizer, cfg, total)
-
     start, extra = 0, {"skipped": 0, "tokens": 0, "train_seconds": 0.0, "initial_eval": None}
     if ckpt is not None:
         start, extra = load_checkpoint(ckpt, vlm, optimizer, scheduler)
         log.info("resumed from %s at step %d", ckpt, start)
 
     collate = Collator(vlm.tokenizer.pad_token_id)
-    sampler = StepSampler(len(train_set), G, mb, rank=d.rank, world_size=d.world, seed=cfg.seed,
-                          start_step=start, total_steps=total)
-    workers = cfg.num_workers
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                        pin_memory=d.device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=2 * accum if workers else None)
-    eval_loader = DataLoader(eval_set, batch_size=mb, collate_fn=collate)
-
-    n_trainable = sum(p.numel() for p in params)
-    trainable = describe_trainable(vlm)
-    first_eval_batch = next(iter(eval_loader))
-    sdpa_ctx, attention = attention_context(vlm, model_inputs(first_eval_batch, d.device), d, bf16)
+    loader = make_loader(train_set, collate, cfg, d, accum, start, total)
+    eval_loader = DataLoader(eval_set, batch_size=cfg.micro_batch_size, collate_fn=collate) if len(eval_set) else None
+    probe = next(iter(eval_loader)) if eval_loader else collate([first_example(train_set)])
+    sdpa_ctx, attention = attention_context(vlm, model_inputs(probe, d.device), d, bf16)
+    facts = {"arch": vlm.config.arch, "attention": attention, "trainable": describe_trainable(vlm),
+             "trainable_parameters": sum(p.numel() for p in params), "format": prompt_format(cfg),
+             "malformed": source.malformed, "unreadable_held_out": unreadable, "bf16": bf16,
+             "train_records": len(train_set), "held_out_records": len(eval_set)}
+    run = Run(cfg, d, out, vlm, model, params, optimizer, scheduler, iter(loader), eval_loader, accum, total, start,
+              extra, amp, sdpa_ctx, MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None,
+                                                  tensorboard=cfg.tensorboard), facts)
     if d.main:
-        log.info("%s%s, stage %d (%s format%s): %s trainable parameters; %d train / %d held-out records "
-                 "(%d malformed dropped); %d steps x %d samples (%d processes x %d micro-batches of %d); "
-                 "lr %.2g (warm-up %g, weight decay %g); lambda %g; %s; attention: %s", vlm.config.arch,
-                 f", recipe {cfg.recipe}" if cfg.recipe else "", cfg.stage, fmt, ", LoRA" if cfg.lora else "",
-                 f"{n_trainable:,}", len(train_set), len(eval_set), malformed, total, G, d.world, accum, mb,
-                 cfg.peak_lr(), cfg.warmup_ratio, cfg.weight_decay, cfg.regap_weight,
-                 "bf16 autocast" if bf16 else "fp32", attention)
-        log.info("trainable parameters: %s", trainable)
-    metrics = MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard)
-    if extra["initial_eval"] is None:
+        log_plan(run)
+    if extra["initial_eval"] is None and eval_loader is not None:
         extra["initial_eval"] = evaluate(vlm, eval_loader, d, amp)
-        metrics.log({"step": 0, **extra["initial_eval"]})
+        run.metrics.log({"step": 0, **extra["initial_eval"]})
+    return run
 
+
+def first_example(dataset) -> dict:
+    """The first example that loads (what the attention probe runs on when nothing is held out)."""
+    try:
+        return dataset[0]
+    except RuntimeError as exc:  # every record bad (LlavaDataset gives up)
+        raise RunError(str(exc).splitlines()[0]) from None
+
+
+def make_optimizer(params: list, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases and norms)."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_lr(), betas=(0.9, 0.999),
+                             fused=fused)
+
+
+def make_loader(train_set, collate, cfg: TrainConfig, d: Dist, accum: int, start: int, total: int) -> DataLoader:
+    sampler = StepSampler(len(train_set), cfg.global_batch_size, cfg.micro_batch_size, rank=d.rank,
+                          world_size=d.world, seed=cfg.seed, start_step=start, total_steps=total)
+    workers = cfg.num_workers
+    return DataLoader(train_set, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      pin_memory=d.device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=2 * accum if workers else None)
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 process', '2 processes', '1 record', '3 records'."""
+    plural = noun + ("es" if noun.endswith(("s", "ch")) else "s")
+    return f"{count:,} {noun if count == 1 else plural}"
+
+
+def log_plan(run: Run) -> None:
+    cfg, f = run.cfg, run.facts
+    recipe = f", recipe {cfg.recipe}" if cfg.recipe else ""
+    log.info("%s%s, stage %d (%s format%s), %s; attention: %s", f["arch"], recipe, cfg.stage, f["format"],
+             ", LoRA" if cfg.lora else "", "bf16 autocast" if f["bf16"] else "fp32", f["attention"])
+    log.info("data: %s for training, %s held out (%d malformed dropped)", _n(f["train_records"], "record"),
+             _n(f["held_out_records"], "record"), f["malformed"])
+    log.info("%s x %s (%s x %s of %d); lr %.2g (warm-up %g, weight decay %g); lambda %g%s",
+             _n(run.total, "step"), _n(cfg.global_batch_size, "sample"), _n(run.d.world, "process"),
+             _n(run.accum, "micro-batch"), cfg.micro_batch_size, cfg.peak_lr(), cfg.warmup_ratio, cfg.weight_decay,
+             cfg.regap_weight, " (squared distance)" if cfg.regap_squared else "")
+    log.info("%s trainable parameters: %s", f"{f['trainable_parameters']:,}", f["trainable"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop: lr (scheduled) -> micro-steps -> clip -> step -> log -> eval/checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def run_steps(run: Run) -> None:
     from tqdm.auto import tqdm
 
-    # None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable)
-    bar = tqdm(total=total, initial=start, disable=None if d.main and cfg.progress else True, dynamic_ncols=True,
-               unit="step")
-    it = iter(loader)
-    regap = cfg.regap_weight > 0
-    model.train()
-    step = start
-    for step in range(start + 1, total + 1):
-        t0 = time.perf_counter()
-        micro = [next(it) for _ in range(accum)]
-        for b in micro:
-            for msg in b["skipped"]:
-                log.warning("rank %d: skipped bad record %s", d.rank, msg)
-        counts = d.all_sum(sum(batch_counts(b) for b in micro))  # global: label tokens, gap samples, ...
-        n_tok, n_gap = counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item()
-        sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # on the device: no sync per micro-batch
-        for i, b in enumerate(micro):
-            # DDP all-reduces the gradients once, after the last micro-batch
-            sync = i == accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else model.no_sync()):
-                with amp(), sdpa_ctx():
-                    o = model(**model_inputs(b, d.device), regap_weight=cfg.regap_weight)
-                loss = o["lm_loss_sum"] / n_tok
-                has_gap = regap and o["gap_sum"] is not None  # None: no image in this micro-batch
-                if has_gap:
-                    loss = loss + cfg.regap_weight * o["gap_sum"] / n_gap
-                # DDP averages gradients over processes; the loss is a global sum, so undo the average
-                (loss * d.world).backward()
-            sums[0] += o["lm_loss_sum"].detach()
-            if has_gap:
-                sums[1] += o["gap_sum"].detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = d.all_sum(sums)
-        dt = time.perf_counter() - t0
-        extra["train_seconds"] += dt
-        extra["tokens"] += int(counts[2])
-        extra["skipped"] += int(counts[3])
-        rec = {"step": step, "lm_loss": sums[0].item() / n_tok, "gap": sums[1].item() / n_gap if regap else None,
-               "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": counts[2].item() / dt,
-               "skipped": extra["skipped"], "seconds": extra["train_seconds"]}
-        rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * rec["gap"] if regap else 0.0)
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-            rec.update(evaluate(vlm, eval_loader, d, amp))
-            if d.main:
-                log.info("step %d/%d: loss %.4f, gap %s | held-out: loss %.4f, gap %.4f | %.0f tokens/s", step, total,
-                         rec["lm_loss"], "-" if rec["gap"] is None else f"{rec['gap']:.4f}", rec["eval_lm_loss"],
-                         rec["eval_gap"], rec["tokens_per_s"])
-        metrics.log(rec)
+    cfg = run.cfg
+    # None: tqdm turns itself off when stderr is not a terminal (logs stay readable)
+    bar = tqdm(total=run.total, initial=run.step, disable=None if run.d.main and cfg.progress else True,
+               dynamic_ncols=True, unit="step")
+    run.model.train()
+    for step in range(run.step + 1, run.total + 1):
+        rec = train_step(run, step)
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == run.total:
+            rec.update(measure(run, step, rec))
+        run.metrics.log(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['lm_loss']:.3f}", gap="-" if rec["gap"] is None else f"{rec['gap']:.3f}",
                         tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        run.step = step
         stop = cfg.stop_at_step is not None and step >= cfg.stop_at_step
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total or stop:
-            save_checkpoint(out, step, vlm, optimizer, scheduler, extra, keep=cfg.keep_checkpoints)
-        if stop and step < total:
-            log.info("stopped at step %d of %d (--stop-at-step); continue with --resume auto", step, total)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == run.total or stop:
+            save_checkpoint(run.out, step, run.vlm, run.optimizer, run.scheduler, run.extra, keep=cfg.keep_checkpoints,
+                            config=cfg.to_dict())
+        if stop and step < run.total:
+            log.info("stopped at step %d of %d (--stop-at-step); continue with --resume auto", step, run.total)
             break
     bar.close()
-    metrics.close()
+    run.metrics.close()
 
-    summary = {"steps": step, "train_seconds": extra["train_seconds"],
-               "steps_per_second": step / extra["train_seconds"] if extra["train_seconds"] else None,
-               "regap_weight": cfg.regap_weight, "attention": attention, "skipped_records": extra["skipped"],
-               "arch": vlm.config.arch, "recipe": cfg.recipe, "trainable_parameters": n_trainable,
-               "trainable": trainable,
-               "malformed_records": malformed, **{"initial_" + k[5:]: v for k, v in extra["initial_eval"].items()}}
-    final = read_final_eval(out / "metrics.jsonl") if d.main else {}
-    summary.update(final)
-    if cfg.save_model and step == total:
-        export_model(vlm, cfg, out / "model", d)
+
+def next_micro_batches(run: Run) -> list[dict]:
+    try:
+        micro = [next(run.batches) for _ in range(run.accum)]
+    except RuntimeError as exc:  # the dataset gives up after a run of bad records (see LlavaDataset)
+        if "bad records in a row" not in str(exc):
+            raise
+        reason = next((line for line in str(exc).splitlines() if "bad records in a row" in line), str(exc)).strip()
+        reason = re.sub(r"^1 bad records", "1 bad record", reason)
+        raise RunError(reason) from None
+    for b in micro:
+        for msg in b["skipped"]:
+            log.warning("skipped bad record %s", msg)
+    return micro
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step over the global batch; returns its metrics record."""
+    cfg, d = run.cfg, run.d
+    t0 = time.perf_counter()
+    micro = next_micro_batches(run)
+    counts = d.all_sum(sum(batch_counts(b) for b in micro))  # global: label tokens, gap samples, ...
+    n_tok, n_gap = counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item()
+    regap = cfg.regap_weight > 0
+    sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # on the device: no sync per micro-batch
+    for i, b in enumerate(micro):
+        # DDP all-reduces the gradients once, after the last micro-batch
+        sync = i == run.accum - 1 or not isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else run.model.no_sync()):
+            with run.amp(), run.sdpa_ctx():
+                o = run.model(**model_inputs(b, d.device), regap_weight=cfg.regap_weight,
+                              regap_squared=cfg.regap_squared)
+            loss = o["lm_loss_sum"] / n_tok
+            has_gap = regap and o["gap_sum"] is not None  # None: no image in this micro-batch
+            if has_gap:
+                loss = loss + cfg.regap_weight * o["gap_sum"] / n_gap
+            # DDP averages gradients over processes; the loss is a global sum, so undo the average
+            (loss * d.world).backward()
+        sums[0] += o["lm_loss_sum"].detach()
+        if has_gap:
+            sums[1] += o["gap_sum"].detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    sums = d.all_sum(sums)
+    dt = time.perf_counter() - t0
+    extra = run.extra
+    extra["train_seconds"] += dt
+    extra["tokens"] += int(counts[2])
+    extra["skipped"] += int(counts[3])
+    rec = {"step": step, "lm_loss": sums[0].item() / n_tok, "gap": sums[1].item() / n_gap if regap else None,
+           "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": counts[2].item() / dt,
+           "skipped": extra["skipped"], "seconds": extra["train_seconds"]}
+    rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * rec["gap"] if regap else 0.0)
+    return rec
+
+
+def measure(run: Run, step: int, rec: dict) -> dict:
+    """The held-out loss and gap at this step (nothing when nothing is held out), logged on rank 0."""
+    if run.eval_loader is None:
+        return {}
+    held = evaluate(run.vlm, run.eval_loader, run.d, run.amp)
+    if run.d.main:
+        log.info("step %d/%d: loss %.4f, gap %s | held-out: loss %.4f, gap %.4f | %.0f tokens/s", step, run.total,
+                 rec["lm_loss"], "-" if rec["gap"] is None else f"{rec['gap']:.4f}", held["eval_lm_loss"],
+                 held["eval_gap"], rec["tokens_per_s"])
+    return held
+
+
+# --------------------------------------------------------------------------------------------------
+# the end: summary, model, plot
+# --------------------------------------------------------------------------------------------------
+
+
+def finish(run: Run) -> dict:
+    cfg, d, out, extra, f = run.cfg, run.d, run.out, run.extra, run.facts
+    seconds = extra["train_seconds"]
+    initial = extra["initial_eval"] or {}
+    summary = {"steps": run.step, "total_steps": run.total, "train_seconds": seconds,
+               "steps_per_second": run.step / seconds if seconds else None, "regap_weight": cfg.regap_weight,
+               "attention": f["attention"], "skipped_records": extra["skipped"], "arch": f["arch"],
+               "recipe": cfg.recipe, "trainable_parameters": f["trainable_parameters"], "trainable": f["trainable"],
+               "malformed_records": f["malformed"], "unreadable_held_out_records": f["unreadable_held_out"],
+               "initial_gap": initial.get("eval_gap"), "initial_lm_loss": initial.get("eval_lm_loss"),
+               "final_gap": None, "final_lm_loss": None, "out": str(out), "model": None}
+    summary.update(read_final_eval(out / "metrics.jsonl") if d.main else {})
+    if cfg.save_model and run.step == run.total:
+        export_model(run.vlm, cfg, out / "model", d)
+        summary["model"] = str(out / "model")
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
             plot_runs({f"lambda={cfg.regap_weight:g}": out / "metrics.jsonl"}, out / "metrics.png")
-        log.info("done: %s", summary)
+        log.info("done: %d steps in %.0f s; summary in %s", run.step, seconds, out / "summary.json")
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The end of a run in a few lines, for a person (summary.json keeps everything)."""
+    def number(x):
+        return "-" if x is None else f"{x:.4f}"
+    rate = f" ({summary['steps_per_second']:.1f} steps/s)" if summary.get("steps_per_second") else ""
+    lines = [f"trained {summary['steps']} of {summary['total_steps']} steps in {summary['train_seconds']:.0f} s{rate}"]
+    if summary.get("final_gap") is not None:
+        lines.append(f"held-out: caption loss {number(summary['initial_lm_loss'])} -> "
+                     f"{number(summary['final_lm_loss'])}, gap {number(summary['initial_gap'])} -> "
+                     f"{number(summary['final_gap'])}")
+    bad = summary.get("skipped_records", 0) + summary.get("malformed_records", 0)
+    if bad:
+        lines.append(f"bad records: {summary['malformed_records']} malformed (dropped), "
+                     f"{summary['skipped_records']} skipped when drawn")
+    where = summary.get("model")
+    lines.append(f"model: {where}  (regap_fast.model.load_model({where!r}))" if where else
+                 "model: not exported (the run stopped early or --no-save-model); checkpoints under "
+                 f"{Path(summary['out']) / 'checkpoints'}")
+    lines.append(f"full record: {Path(summary['out']) / 'summary.json'}")
+    return "\n".join(lines)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total: int):
@@ -532,3 +509,5 @@ def export_model(vlm: VisionLanguageModel, cfg: TrainConfig, path: Path, d: Dist
         trained.add("language_model")
     vlm.save_pretrained(path, components=[c for c in ("vision_tower", "projector", "language_model") if c in trained],
                         state_dict=state)
+    for weights in path.glob("*.safetensors"):
+        readable_like_other_outputs(weights)

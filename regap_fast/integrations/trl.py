@@ -1,0 +1,44 @@
+"""REGAP with TRL's ``SFTTrainer``.
+
+TRL (>= 1.x) computes the SFT loss itself, from per-token log-probabilities of a fused LM head that it
+patches onto the model's forward, so the ``loss`` a patched model returns never reaches the optimiser.
+``RegapSFTTrainer`` adds the REGAP term of each forward to TRL's loss:
+
+    apply_regap(model, regap_weight=0.1)
+    trainer = RegapSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=...)
+"""
+
+from __future__ import annotations
+
+from trl import SFTTrainer
+
+from .transformers import RegapError, _wrap_outermost, patched_module
+
+
+class RegapSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose loss is TRL's SFT loss + ``regap_weight * gap`` (the default ``nll`` loss path)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patched = patched_module(self.model)
+        if patched is None:
+            raise RegapError("RegapSFTTrainer needs a model patched with regap_fast.apply_regap(model) first")
+        if self.compute_loss_func is not None or self.label_smoother is not None:
+            raise RegapError("RegapSFTTrainer supports TRL's default loss only (no compute_loss_func, no label "
+                             "smoothing): those paths run the forward without labels")
+        self._regap = patched._regap
+        _wrap_outermost(patched, self._regap)  # around TRL's fused LM head, which bypasses inner forwards
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._regap.last_regap_term = None
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        term = self._regap.last_regap_term
+        if term is None:  # no labels or images in this batch, or weight 0
+            return result
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            term = term * (self.accelerator.num_processes // self.get_tp_size())  # as TRL scales its own loss
+        if return_outputs:
+            loss, outputs = result
+            return loss + term, outputs
+        return result + term
