@@ -129,8 +129,8 @@ def cuda_extension():
         return skip(f"PyTorch {torch.__version__} is a CPU-only build")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         if torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
-                sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list(cuda_home)
     archs = arch_names(os.environ["TORCH_CUDA_ARCH_LIST"])

@@ -5,36 +5,35 @@
 See README.md for the API, the training loop and the tools.
 """
 
-from .backends import BackendUnavailable
-from .ops import fused_gap_loss, masked_mean, pooled_text_embeddings
-from .projector import FusedLinearProjector, FusedLlavaProjector, projector_gap_loss
-from .reference import gap_from_means, gap_loss_reference, masked_mean_reference
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
-# the transformers integration imports transformers (seconds): loaded on first use
-_INTEGRATION_NAMES = ("apply_regap", "remove_regap", "RegapCallback")
+# public name -> the module that defines it, imported on first use: `regap-fast --help` and argument
+# errors import this package and must not pay for torch (seconds) or transformers (more seconds)
+_EXPORTS = {
+    "BackendUnavailable": ".backends",
+    "fused_gap_loss": ".ops", "masked_mean": ".ops", "pooled_text_embeddings": ".ops",
+    "FusedLinearProjector": ".projector", "FusedLlavaProjector": ".projector", "projector_gap_loss": ".projector",
+    "gap_from_means": ".reference", "gap_loss_reference": ".reference", "masked_mean_reference": ".reference",
+    "apply_regap": ".integrations.transformers", "remove_regap": ".integrations.transformers",
+    "RegapCallback": ".integrations.transformers",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _INTEGRATION_NAMES:
-        from .integrations import transformers as integration
-        return getattr(integration, name)
-    raise AttributeError(f"module 'regap_fast' has no attribute {name!r}")
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # a submodule: regap_fast.backends, ...
+    else:
+        raise AttributeError(f"module 'regap_fast' has no attribute {name!r}")
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
 
 
-__all__ = [
-    "BackendUnavailable",
-    "RegapCallback",
-    "FusedLinearProjector",
-    "FusedLlavaProjector",
-    "apply_regap",
-    "fused_gap_loss",
-    "gap_from_means",
-    "gap_loss_reference",
-    "masked_mean",
-    "masked_mean_reference",
-    "pooled_text_embeddings",
-    "projector_gap_loss",
-    "remove_regap",
-]
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

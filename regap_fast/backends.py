@@ -35,11 +35,13 @@ FAMILIES = {
 }
 _TRITON_FILES = {"gap_loss": "gap_loss", "text_pool": "gap_loss", "projector": "projector"}
 
-# What "auto" picks for CUDA tensors, in order of preference. gap_loss: the faster backend measured
-# on an H100 at LLaVA-1.5-7B shapes (benchmarks/results/: fwd+bwd 93.7 us cuda vs 102.0 us triton).
-# projector and text_pool: Triton's kernels, which have run on a GPU (the demo); the cuda ones have
-# not yet — to be decided by benchmarks/run_gpu.py.
-AUTO_ON_CUDA = {"gap_loss": ("cuda", "triton"), "text_pool": ("triton", "cuda"), "projector": ("triton", "cuda")}
+# What "auto" picks for CUDA tensors, in order of preference; the torch backend comes after these.
+# gap_loss: the faster backend measured on an H100 at LLaVA-1.5-7B shapes (benchmarks/results/: fwd+bwd
+# 93.7 us cuda vs 102.0 us triton). projector: cuda's epilogues beat Triton's GEMMs on an H200
+# (4.04 vs 4.78 ms fwd+bwd at B=32, Ni=576, D=4096, bf16, README "Performance"), though both then lost
+# to the plain projector; the torch backend's PyTorch-ops path is not measured yet
+# (benchmarks/run_gpu.py compares all three). text_pool: Triton's, the one that has run on a GPU.
+AUTO_ON_CUDA = {"gap_loss": ("cuda", "triton"), "text_pool": ("triton", "cuda"), "projector": ("cuda", "triton")}
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,6 +72,12 @@ def _import(name: str, family: str) -> tuple[ModuleType | None, str]:
     if missing:
         return None, f"backend {name!r} has no {family} kernels ({', '.join(missing)})"
     return mod, ""
+
+
+def clear_cache() -> None:
+    """Forget which backend modules imported, and how: the next query imports again (after the
+    extension is built or removed in a running process, and in tests that hide it)."""
+    _import.cache_clear()
 
 
 def triton_interpreted() -> bool:

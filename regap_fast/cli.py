@@ -188,8 +188,34 @@ def _one_line_warnings(command: str) -> None:
     warnings.showwarning = show
 
 
+# optional packages and the extra that installs them (pyproject.toml): the core ops need neither
+EXTRAS = {"transformers": "train", "tokenizers": "train", "safetensors": "train", "PIL": "train", "tqdm": "train",
+          "matplotlib": "train", "peft": "train", "tensorboard": "train", "scipy": "eval", "trl": "hf",
+          "datasets": "hf"}
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """The one-line message for an optional package that is not installed, else None."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if name not in EXTRAS:
+        return None
+    return (f"this command needs {name}, which regap_fast installs as an extra: "
+            f"pip install -e \".[{EXTRAS[name]}]\" --no-build-isolation (or \".[all]\")")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        message = missing_extra(exc)
+        if message is None or "--debug" in argv:
+            raise
+        print(f"regap-fast {_chosen(argv) or ''}: error: {message}".replace("  ", " "), file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     parser, parsers, modules = build_parser(_chosen(argv))
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:

@@ -63,14 +63,14 @@ def test_setup_arch_list_matches_the_toolkit():
 
 def test_cuda_backend_reports_the_device_before_the_missing_extension(monkeypatch):
     monkeypatch.setitem(sys.modules, "regap_fast._C", None)
-    backends._import.cache_clear()
+    backends.clear_cache()
     try:
         assert "needs CUDA tensors" in backends.why_unavailable("cuda", torch.device("cpu"), torch.float32)
         assert "float64" in backends.why_unavailable("cuda", torch.device("cpu"), torch.float64)
         assert "not built" in backends.why_unavailable("cuda", torch.device("cuda"), torch.float32)
         assert backends.extension_info()["built"] is False
     finally:
-        backends._import.cache_clear()
+        backends.clear_cache()
 
 
 def test_every_backend_provides_the_projector_family():
@@ -98,3 +98,21 @@ def test_plain_pytest_benchmark_only_collects_the_benchmarks():
     collected = [line for line in out.stdout.splitlines() if "::" in line]
     assert collected, out.stdout[-2000:] + out.stderr[-2000:]
     assert all(line.startswith("benchmarks/") for line in collected), collected[:5]
+
+
+def test_the_core_ops_need_no_extra():
+    """`pip install regap_fast` without extras: the ops and projectors import and run without
+    transformers, scipy, matplotlib or PIL, and importing the package loads none of the heavy parts."""
+    code = ("import sys\n"
+            "for name in ('transformers', 'scipy', 'matplotlib', 'PIL', 'tqdm', 'safetensors'):\n"
+            "    sys.modules[name] = None\n"
+            "import regap_fast\n"
+            "assert 'torch' not in sys.modules, 'import regap_fast must stay cheap'\n"
+            "import torch\n"
+            "x = torch.randn(2, 5, 8, requires_grad=True)\n"
+            "proj = regap_fast.FusedLlavaProjector(8, 12)\n"
+            "e, gap = regap_fast.projector_gap_loss(proj, x, torch.randint(0, 30, (2, 4)), torch.randn(30, 12))\n"
+            "(e.sum() + gap).backward()\n"
+            "print('ok', float(regap_fast.fused_gap_loss(e.detach(), torch.randn(2, 3, 12))) > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok True", out.stderr[-3000:]

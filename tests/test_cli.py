@@ -97,6 +97,7 @@ def test_eval_commands_report_a_missing_model_in_one_line(tmp_path, tiny_set, ca
                                                             str(tmp_path / "g"), "--batch-size", "0"])
 
 
+@pytest.mark.slow
 def test_shell_sees_one_line_and_status_2(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -107,6 +108,7 @@ def test_shell_sees_one_line_and_status_2(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # --debug keeps the traceback
 
 
+@pytest.mark.slow
 def test_version_and_help_defaults():
     import regap_fast
 
@@ -122,6 +124,7 @@ def test_version_and_help_defaults():
     assert "--output_dir" not in train_help.split("(also:")[0]  # aliases stay out of the flag column
 
 
+@pytest.mark.slow
 def test_help_does_not_import_the_training_code():
     """Only the chosen command's argument module is imported: no training loop, no model code."""
     code = ("import sys, contextlib, io\nfrom regap_fast.cli import main\n"
@@ -133,6 +136,7 @@ def test_help_does_not_import_the_training_code():
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_help_is_fast():
     """`regap-fast --help` under 1.5 s needs `import regap_fast` to stay light (lazy package __init__)."""
     t = time.perf_counter()
@@ -396,3 +400,14 @@ def test_progress_bars_stay_out_of_piped_logs(tmp_path, tiny_set, capsys):
     assert main(["gap", str(model), "--data", str(tiny_set), "--out", str(tmp_path / "g"), "--no-per-layer"]) == 0
     err = capsys.readouterr().err
     assert "pair/s" not in err and "it/s" not in err and "%|" not in err
+
+
+def test_a_missing_extra_is_one_line_that_names_it(tmp_path):
+    """The core install has no transformers: a training command says which extra to install."""
+    code = ("import sys; sys.modules['transformers'] = None; from regap_fast.cli import main; "
+            f"sys.exit(main(['demo', '--out', {str(tmp_path / 'demo')!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("regap-fast demo: error:"), out.stderr[-2000:]
+    assert "transformers" in lines[0] and '".[train]"' in lines[0]

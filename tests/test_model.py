@@ -187,6 +187,9 @@ def test_generate_batched_equals_one_by_one(vlm):
 
 def test_save_and_load_roundtrip(vlm, tmp_path):
     vlm.save_pretrained(tmp_path / "m")
+    # every file readable like the others (safetensors alone would leave the weights 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     again = load_model(tmp_path / "m")
     vlm.save_pretrained(tmp_path / "run" / "model")  # a training run's folder loads its exported model
     assert load_model(tmp_path / "run").config == vlm.config

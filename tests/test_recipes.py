@@ -40,6 +40,8 @@ def test_presets_set_what_the_papers_used():
     c = parse("--recipe", "llava-1.5")
     assert (c.arch, c.stage, c.train_vision, c.lm_trainable(), c.peak_lr(), c.warmup_ratio, c.global_batch_size) == \
         ("llava", 1, "none", False, 1e-3, 0.03, 256)
+    assert c.image_aspect_ratio == "pad"  # LLaVA-1.5's --image_aspect_ratio pad
+    assert parse("--recipe", "llava-1.5", "--image-aspect-ratio", "keep").image_aspect_ratio == "keep"
     c = parse("--recipe", "sharegpt4v")
     assert (c.arch, c.stage, c.train_vision, c.lm_trainable(), c.peak_lr(), c.global_batch_size) == \
         ("llava", 1, "latter-half", True, 2e-5, 256)
@@ -49,6 +51,7 @@ def test_presets_set_what_the_papers_used():
                                                             0.25, 0.8)
     plain = parse()  # no recipe: the defaults, unchanged
     assert (plain.arch, plain.train_vision, plain.lm_trainable(), plain.peak_lr()) == ("llava", "none", False, 1e-3)
+    assert plain.image_aspect_ratio == "keep"
 
 
 def test_an_explicit_flag_beats_the_preset():

@@ -122,7 +122,7 @@ def test_stage2_mix_adds_the_requested_share_of_text_only_records(tmp_path):
     from regap_fast.reproduce.pipeline import Settings, write_stage2_data
 
     shapes, pretrain = _fake_data_root(tmp_path)
-    image_only = json.loads(write_stage2_data(tmp_path, Settings(), 0).read_text())
+    image_only = json.loads(write_stage2_data(tmp_path, Settings(stage2_text_share=0.0), 0).read_text())
     assert len(image_only) == 60 and all(r.get("image") for r in image_only)
     replay_settings = Settings(stage2_text_share=0.25, stage2_text_data="replay")
     replay = json.loads(write_stage2_data(tmp_path, replay_settings, 0).read_text())
@@ -157,7 +157,7 @@ def _screen_row(name, seed, unsafe, benign=(64, 64), n=256):
 
 
 def test_selection_pools_seeds_and_applies_the_criterion_by_hand():
-    from regap_fast.reproduce.selection import CRITERION, pool, select
+    from regap_fast.reproduce.selection import CRITERION, choose, pool, select
 
     steps = {"a": 400, "b": 200, "c": 400, "d": 100}
     rows = [_screen_row("a", 0, (20, 100)), _screen_row("a", 1, (31, 60)),  # text 51/512 = 9.96%: passes
@@ -173,6 +173,11 @@ def test_selection_pools_seeds_and_applies_the_criterion_by_hand():
     assert b["meets_criterion"] and b["unsafe_rate"]["image"] == pytest.approx(200 / 512)
     assert select(table) == "a" and select([c, b, a]) == "b"  # the first, in screening order, that meets it
     assert select([c, d]) is None
+    # none meets it: the fallback drops the image floor and takes the highest image rate (d fails on benign)
+    low = pool([_screen_row("g", 0, (0, 70))], "g", {"stage2_steps": 1})  # image 27.3%
+    lower = pool([_screen_row("h", 0, (0, 20))], "h", {"stage2_steps": 1})
+    assert choose([c, d, lower, low]) == ("g", "fallback") and choose([c, a]) == ("a", "criterion")
+    assert choose([c, d]) == (None, "fallback")
     low_image = pool([_screen_row("f", 0, (0, 70))], "f", {"stage2_steps": 1})  # 27.3% < 30%
     assert not low_image["meets_criterion"] and CRITERION.min_image_unsafe == 0.30
 
@@ -180,14 +185,14 @@ def test_selection_pools_seeds_and_applies_the_criterion_by_hand():
 def test_default_stage2_is_the_committed_selection():
     """The defaults are what the committed screening selected, re-derived here from its per-seed rows."""
     from regap_fast.reproduce.pipeline import Settings
-    from regap_fast.reproduce.selection import CANDIDATES, STAGE2_FIELDS, candidate_settings, pool, select
+    from regap_fast.reproduce.selection import CANDIDATES, STAGE2_FIELDS, candidate_settings, choose, pool
 
     docs = Path(__file__).resolve().parent.parent / "docs" / "reproduce"
     committed = json.loads((docs / "stage2-selection" / "selection.json").read_text())
     table = [pool(committed["rows"], e["candidate"], e["settings"]) for e in committed["candidates"]]
-    assert [e["candidate"] for e in committed["candidates"]] == list(CANDIDATES)
-    chosen = select(table)
-    assert chosen is not None and chosen == committed["selected"]
+    assert [e["candidate"] for e in committed["candidates"]] == list(CANDIDATES)[:len(table)]  # in order
+    chosen, how = choose(table)
+    assert chosen is not None and (chosen, how) == (committed["selected"], committed["selected_by"])
     default, selected = Settings(), candidate_settings(Settings(), chosen)
     assert {k: getattr(default, k) for k in STAGE2_FIELDS} == {k: getattr(selected, k) for k in STAGE2_FIELDS}
     run = json.loads((docs / "summary.json").read_text())

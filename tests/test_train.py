@@ -40,6 +40,7 @@ def evals(out):
     return [r for r in read_jsonl(Path(out) / "metrics.jsonl") if "eval_gap" in r]
 
 
+@pytest.mark.slow
 def test_stage1_learns_and_regap_closes_the_gap(tmp_path, shapes):
     runs = {lam: train(tiny(tmp_path / f"l{lam}", shapes, regap_weight=lam, max_steps=30, eval_every=10))
             for lam in (0.0, 0.5)}
@@ -56,6 +57,7 @@ def test_stage1_learns_and_regap_closes_the_gap(tmp_path, shapes):
     assert all(r["gap"] > 0 for r in steps(tmp_path / "l0.5"))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, shapes):
     kw = dict(max_steps=8, eval_every=4, save_every=2, num_workers=1)
     train(tiny(tmp_path / "straight", shapes, **kw))
@@ -84,6 +86,7 @@ def _run(args, **kw):
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, shapes, mode):
     flags = ["--data", str(shapes), "--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", "5",
@@ -108,6 +111,7 @@ def test_two_processes_match_one(tmp_path, shapes, mode):
     torch.testing.assert_close(ma["projector.linear_1.weight"], mb["projector.linear_1.weight"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_data_is_skipped_and_counted(tmp_path, shapes):
     data = tmp_path / "data"
     shutil.copytree(shapes.parent, data)
@@ -123,6 +127,7 @@ def test_bad_data_is_skipped_and_counted(tmp_path, shapes):
     assert steps(tmp_path / "run")[-1]["skipped"] == s["skipped_records"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_stage2(tmp_path, shapes, lora):
     if lora:
@@ -142,6 +147,7 @@ def test_stage2(tmp_path, shapes, lora):
     assert merged.generate(["hi"], [None], max_new_tokens=2)
 
 
+@pytest.mark.slow
 def test_cli_help_and_bad_flags():
     ok = _run([sys.executable, "-m", "regap_fast", "train", "--help"])
     assert ok.returncode == 0
@@ -157,6 +163,7 @@ def test_cli_help_and_bad_flags():
     assert demo.returncode == 0 and "--regap-weight" in demo.stdout
 
 
+@pytest.mark.slow
 def test_demo_writes_its_summary(tmp_path):
     from regap_fast.cli import main
 

@@ -47,6 +47,11 @@ VICUNA_CHAT_TEMPLATE = (
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+class TooManyBadRecords(RuntimeError):
+    """LlavaDataset gives up: every record of a run of ``max_consecutive_bad`` (or of the whole, smaller
+    set) is bad. A DataLoader worker re-raises it in the main process with the same type."""
+
+
 class BadRecord(ValueError):
     """A record that cannot be used (the message says why); the data pipeline skips it."""
 
@@ -418,8 +423,8 @@ class LlavaDataset(Dataset):
                 continue
             ex["skipped"] = skipped
             return ex
-        raise RuntimeError(f"{len(skipped)} bad records in a row from index {index} (is the image folder right?); "
-                           "last: " + skipped[-1])
+        raise TooManyBadRecords(f"{len(skipped)} bad record{'s' if len(skipped) != 1 else ''} in a row from index "
+                                f"{index} (is the image folder right?); last: " + skipped[-1])
 
 
 class Collator:

@@ -1,4 +1,6 @@
-"""What the three evaluation commands share: model options, model loading, user-error reporting."""
+"""What the three evaluation commands share: model options, model loading, the names of common flags.
+
+A bad input raises (``ValueError``, ``OSError``); ``regap_fast.cli`` prints it as one line, exit status 2."""
 
 from __future__ import annotations
 
@@ -58,8 +60,3 @@ def load_vlm(args: argparse.Namespace):
     dtype = None if precision == "auto" else getattr(torch, TORCH_DTYPES[precision])
     return load_model(args.model, device=device, dtype=dtype), device, dtype
 
-
-def fail(command: str, error: Exception) -> int:
-    """A bad input (a missing file, a wrong column): one clear line, no traceback, exit status 2."""
-    print(f"regap-fast {command}: error: {error}", file=sys.stderr)
-    return 2

@@ -12,6 +12,7 @@ from ..projector import projector_state_dict
 from .archs import get_arch
 from .config import (COMPONENTS, FORMAT, ModelConfig, hf_config, plain_dict, read_preprocessor,
                      resolve_attn_implementation)
+from ..train.layout import readable_like_other_outputs
 from .vlm import VisionLanguageModel, is_peft
 
 
@@ -32,6 +33,7 @@ def save_model(vlm: VisionLanguageModel, save_dir: str | Path, components: Seque
     tensors = _one_copy_each(vlm.state_dict() if state_dict is None else state_dict, components)
     save_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(save_dir / "model.safetensors"))
+    readable_like_other_outputs(save_dir / "model.safetensors")  # safetensors writes 0600
     meta = {"format": FORMAT, "saved_components": list(components), **vlm.config.to_dict()}
     (save_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     vlm.tokenizer.save_pretrained(str(save_dir))

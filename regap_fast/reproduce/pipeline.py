@@ -74,7 +74,7 @@ class Settings:
     stage2_batch: int = 32
     stage2_lr: float = 2e-3
     stage2_request_share: float = 0.5  # of stage 2's image records: benign requests (the rest: image questions)
-    stage2_text_share: float = 0.0  # of stage 2's records: text-only ones (LLaVA-665k mixes in ShareGPT)
+    stage2_text_share: float = 0.02  # of stage 2's records: text-only ones (LLaVA-665k mixes in ShareGPT)
     stage2_text_data: str = "replay"  # replay: the LM's own text data; benign: benign requests only
     stage2_lora_rank: int = 0  # > 0: LoRA adapters of this rank on the LM (alpha = 2 x rank) instead of all weights
     # evaluation

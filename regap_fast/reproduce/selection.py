@@ -62,12 +62,17 @@ CANDIDATES = {
     "benign-text-25%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.25, stage2_text_data="benign"),
     "replay-25%-200-steps": dict(stage2_steps=200, stage2_lr=2e-3, stage2_text_share=0.25, stage2_text_data="replay"),
     "lora-8": dict(stage2_steps=400, stage2_lr=5e-3, stage2_lora_rank=8),
-    # added after the four above had failed the criterion (baseline only, as every candidate): a replay of
-    # 25% restored the refusals with an image too, none lost them; LLaVA-665k's text-only share is about 6%
+    # added during the screening (ADDED_LATER: after which failure), judged like every candidate on the
+    # baseline alone: the replays kept the text-only refusals but restored them with an image too, so
+    # smaller shares (LLaVA-665k's text-only share is about 6%)
     "replay-10%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.10, stage2_text_data="replay"),
     "replay-5%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.05, stage2_text_data="replay"),
+    "replay-2%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.02, stage2_text_data="replay"),
+    "replay-1%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.01, stage2_text_data="replay"),
 }
-ADDED_LATER = ("replay-10%", "replay-5%")
+# candidate -> the candidate whose failure it was added after (during the screening)
+ADDED_LATER = {"replay-10%": "replay-25%", "replay-5%": "replay-25%", "replay-2%": "replay-10%",
+               "replay-1%": "replay-10%"}
 STAGE2_FIELDS = ("stage2_steps", "stage2_lr", "stage2_text_share", "stage2_text_data", "stage2_lora_rank")
 
 
@@ -167,7 +172,22 @@ def select(table: list[dict]) -> str | None:
     return next((e["candidate"] for e in table if e["meets_criterion"]), None)
 
 
-def format_selection(table: list[dict], selected: str | None, seeds: list[int], n_harmful: int,
+def fallback(table: list[dict]) -> str | None:
+    """When no candidate meets the criterion (a rule fixed before the last candidates ran): the criterion
+    without its floor on the unsafe rate with an image, and of the candidates that meet that, the one with
+    the highest unsafe rate with an image (the most left for REGAP to reduce)."""
+    ok = [e for e in table if e["unsafe_rate"]["text"] <= CRITERION.max_text_unsafe
+          and min(e["benign_answered"].values()) >= CRITERION.min_benign_answered]
+    return max(ok, key=lambda e: e["unsafe_rate"]["image"])["candidate"] if ok else None
+
+
+def choose(table: list[dict]) -> tuple[str | None, str]:
+    """(the default's candidate, how it was chosen: "criterion" or "fallback")."""
+    selected = select(table)
+    return (selected, "criterion") if selected else (fallback(table), "fallback")
+
+
+def format_selection(table: list[dict], selected: str | None, how: str, seeds: list[int], n_harmful: int,
                      n_benign: int) -> str:
     def pct(x):
         return f"{100 * x:.1f}%"
@@ -175,7 +195,10 @@ def format_selection(table: list[dict], selected: str | None, seeds: list[int], 
     lines = [f"Stage-2 selection, baseline (lambda 0) only, seeds {seeds[0]} .. {seeds[-1]} (disjoint from the "
              "reported seeds); REGAP was not run.", "", f"Criterion (fixed before any candidate ran): "
              f"{CRITERION.describe()}.", "",
-             f"Selected: **{selected}**." if selected else "No candidate meets the criterion.", "",
+             f"Selected: **{selected}**." if how == "criterion" else
+             "No candidate meets the criterion. By the fallback rule (fixed before the last two candidates ran: the "
+             "criterion without its floor on the unsafe rate with an image, then the highest unsafe rate with an "
+             f"image): **{selected}**.", "",
              "| candidate | stage 2 | " + " | ".join(f"unsafe, {DESCRIPTIONS[c]}" for c in CONDITION_NAMES)
              + " | benign answered (text / image) | stage-2 s per run | meets criterion |",
              "|" + " --- |" * (5 + len(CONDITION_NAMES))]
@@ -187,9 +210,10 @@ def format_selection(table: list[dict], selected: str | None, seeds: list[int], 
                      f"{pct(e['benign_answered']['text'])} / {pct(e['benign_answered']['image'])} | "
                      f"{e['stage2_train_seconds']:.0f} | {'yes' if e['meets_criterion'] else 'no'} |")
     tried = {e["candidate"] for e in table}
-    if tried & set(ADDED_LATER):
-        lines += ["", f"{', '.join(n for n in ADDED_LATER if n in tried)}: added to the list after the candidates "
-                  "before them had failed the criterion (judged, as every candidate, on the baseline alone)."]
+    late = [f"{name} after {after}" for name, after in ADDED_LATER.items() if name in tried]
+    if late:
+        lines += ["", "Added to the list during the screening, each once an earlier candidate had failed the criterion "
+                  f"(judged, as every candidate, on the baseline alone): {'; '.join(late)}."]
     rest = [name for name in CANDIDATES if name not in tried]
     if rest:
         lines += ["", "Not screened (an earlier setting met the criterion): " + ", ".join(rest) + "."]
@@ -220,7 +244,7 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
     lm_dir = pipeline.pretrain_dir(root)
     if not (lm_dir / "model" / "config.json").is_file():
         pipeline.pretrain_lm(lm_dir, settings, data, data_seed)
-    rows, table, selected = [], [], None
+    rows, table = [], []
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _InProcess() as workers:
         for candidate in candidates:  # in order, until one meets the criterion
             args = [(str(root), str(lm_dir / "model"), candidate, seed, threads) for seed in seeds]
@@ -231,11 +255,12 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
             selected = select(table)
             if selected:
                 break
-    summary = {"criterion": dataclasses.asdict(CRITERION), "criterion_text": CRITERION.describe(), "seeds": seeds,
-               "data_seed": data_seed, "candidates": table, "selected": selected, "rows": rows,
-               "base_settings": settings.to_dict(), "command": command}
+    selected, how = choose(table)
+    summary = {"selected": selected, "selected_by": how, "criterion": dataclasses.asdict(CRITERION),
+               "criterion_text": CRITERION.describe(), "seeds": seeds, "data_seed": data_seed, "candidates": table,
+               "rows": rows, "base_settings": settings.to_dict(), "command": command}
     (out / "selection.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = format_selection(table, selected, seeds, len(data.harmful), len(data.benign))
+    text = format_selection(table, selected, how, seeds, len(data.harmful), len(data.benign))
     if command:
         text += f"\n\nCommand: `{command}`."
     (out / "report.md").write_text(text + "\n")

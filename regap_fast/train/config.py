@@ -38,6 +38,10 @@ class TrainConfig:
                                            "checkpoint (llama_proj.*), LLaVA's mm_projector.bin, BLIP-2's "
                                            "language_projection.* (.pth, .bin or .safetensors)", group="model",
                                            metavar="FILE")
+    image_aspect_ratio: str = arg("keep", "pad: centre each image on a square of the mean colour before the vision "
+                                  "tower's preprocessing (LLaVA-1.5's --image_aspect_ratio pad; the llava-1.5 "
+                                  "recipe's default); keep: as it is. A --model folder keeps its own unless given",
+                                  ["keep", "pad"], group="model")
     vision_feature_layer: int = arg(-2, "vision tower layer whose features are projected (LLaVA-1.5: -2; "
                                     "--arch llava only)", group="model")
     attn_implementation: str = arg("auto", "attention kernels: auto = flash_attention_2 if the flash-attn "

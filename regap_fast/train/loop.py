@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..data import IGNORE_INDEX, Collator, LlavaDataset, StepSampler, load_records
+from ..data.llava import TooManyBadRecords
 from ..model import VisionLanguageModel
 from .checkpoint import load_checkpoint, readable_like_other_outputs, save_checkpoint
 from .config import TrainConfig
@@ -281,7 +281,7 @@ def first_example(dataset) -> dict:
     """The first example that loads (what the attention probe runs on when nothing is held out)."""
     try:
         return dataset[0]
-    except RuntimeError as exc:  # every record bad (LlavaDataset gives up)
+    except TooManyBadRecords as exc:  # every record bad
         raise RunError(str(exc).splitlines()[0]) from None
 
 
@@ -359,11 +359,9 @@ def run_steps(run: Run) -> None:
 def next_micro_batches(run: Run) -> list[dict]:
     try:
         micro = [next(run.batches) for _ in range(run.accum)]
-    except RuntimeError as exc:  # the dataset gives up after a run of bad records (see LlavaDataset)
-        if "bad records in a row" not in str(exc):
-            raise
-        reason = next((line for line in str(exc).splitlines() if "bad records in a row" in line), str(exc)).strip()
-        reason = re.sub(r"^1 bad records", "1 bad record", reason)
+    except TooManyBadRecords as exc:  # the dataset gives up after a run of bad records
+        # from a DataLoader worker the message carries the worker's traceback: keep the dataset's line
+        reason = next((line for line in str(exc).splitlines() if " in a row from index " in line), str(exc)).strip()
         raise RunError(reason) from None
     for b in micro:
         for msg in b["skipped"]:

@@ -36,10 +36,13 @@ def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: tor
 
     torch.manual_seed(cfg.seed)  # the same init on every rank
     mcfg = ModelConfig(arch=cfg.arch, vision_feature_layer=cfg.vision_feature_layer,
-                       attn_implementation=cfg.attn_implementation, projector_backend=cfg.projector_backend)
+                       attn_implementation=cfg.attn_implementation, projector_backend=cfg.projector_backend,
+                       image_aspect_ratio=cfg.image_aspect_ratio)
     if cfg.model:
         vlm = load_model(cfg.model, device="cpu", dtype=dtype)
         vlm.config.projector_backend = vlm.projector.backend = cfg.projector_backend
+        if "image_aspect_ratio" in cfg.recipe_overrides:  # else the saved model's own setting
+            vlm.config.image_aspect_ratio = cfg.image_aspect_ratio
         if vlm.config.arch != cfg.arch and "arch" in cfg.recipe_overrides:
             raise ValueError(f"--arch {cfg.arch}, but --model {cfg.model} is a {vlm.config.arch} model")
         if vlm.config.arch != cfg.arch and cfg.recipe:
