@@ -17,8 +17,7 @@ os.environ.setdefault("REGAP_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
-# re-exported for modules that still import them from conftest
-from helpers import DEVICE, all_backend_params, requires_gpu  # noqa: E402,F401
+from helpers import DEVICE  # noqa: E402
 
 
 @pytest.fixture

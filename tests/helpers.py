@@ -8,6 +8,7 @@ by the test modules, after it.
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from regap_fast import FusedLlavaProjector, backends, fused_gap_loss, projector_gap_loss
 
@@ -138,3 +139,27 @@ def projector_inputs(B, Ni, Nt, Dv, D, V, dtype, masks):
     if tm is not None:
         tm[:, 0] = True
     return x, ids, table, im, tm
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny models and images
+# --------------------------------------------------------------------------------------------------
+
+
+TINY_TEXT = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def blip2_config(num_query_tokens=3, vision_layers=2):
+    """A tiny Blip2Config dict (model_type blip-2): 32 px images, patch 16 (4 patches + CLS)."""
+    return dict(model_type="blip-2", num_query_tokens=num_query_tokens,
+                vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=vision_layers,
+                                   num_attention_heads=2, image_size=32, patch_size=16),
+                qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    cross_attention_frequency=1, encoder_hidden_size=24))
+
+
+def images(n, seed=0, size=(40, 48)):
+    g = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
+            for _ in range(n)]

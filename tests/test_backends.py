@@ -92,6 +92,7 @@ def test_projector_autotune_key_buckets_the_row_count():
     assert projector.m_bucket(1) == 1 and projector.m_bucket(33 * 1000) == 65536
 
 
+@pytest.mark.slow
 def test_plain_pytest_benchmark_only_collects_the_benchmarks():
     out = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q",
                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -100,6 +101,7 @@ def test_plain_pytest_benchmark_only_collects_the_benchmarks():
     assert all(line.startswith("benchmarks/") for line in collected), collected[:5]
 
 
+@pytest.mark.slow
 def test_the_core_ops_need_no_extra():
     """`pip install regap_fast` without extras: the ops and projectors import and run without
     transformers, scipy, matplotlib or PIL, and importing the package loads none of the heavy parts."""

@@ -288,6 +288,7 @@ def test_outputs_are_readable_like_any_file(tmp_path, tiny_set):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_regap_squared_trains_on_the_squared_distance(tmp_path, small_set):
     """Step 1 sees the same batch from the same init: the mean of squared gaps is above the squared mean
     gap (Jensen; per-sample gaps differ), and far from the plain mean."""
@@ -402,6 +403,7 @@ def test_progress_bars_stay_out_of_piped_logs(tmp_path, tiny_set, capsys):
     assert "pair/s" not in err and "it/s" not in err and "%|" not in err
 
 
+@pytest.mark.slow
 def test_a_missing_extra_is_one_line_that_names_it(tmp_path):
     """The core install has no transformers: a training command says which extra to install."""
     code = ("import sys; sys.modules['transformers'] = None; from regap_fast.cli import main; "

@@ -69,6 +69,7 @@ def test_safety_eval_command_and_resume(runs, capsys):
     assert json.loads((out / "safety.json").read_text()) == report
 
 
+@pytest.mark.slow
 def test_compare_command(runs, capsys):
     root, models = runs
     for i, model in enumerate(models):

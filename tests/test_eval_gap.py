@@ -103,6 +103,7 @@ def test_centroids_by_hand(tiny_vlm):
         torch.nn.functional.cosine_similarity(c_i, c_t, dim=0).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_batch_size_does_not_change_the_numbers(tiny_vlm):
     pairs = list(zip(images(5), CAPTIONS))  # captions of different lengths: padding in every batch
     one = measure_gap(tiny_vlm, pairs, batch_size=1, progress=False)

@@ -180,6 +180,7 @@ def tiny_vlm():
     return VisionLanguageModel.from_config(ModelConfig()).eval()
 
 
+@pytest.mark.slow
 def test_real_model_resume_gives_the_uninterrupted_answers(tiny_vlm, tmp_path):
     """Batched greedy generation with the real model, interrupted and resumed, ends with exactly the
     answers of a run that was never interrupted, each generated once."""

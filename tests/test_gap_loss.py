@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 
-import regap_fast
 from regap_fast import backends, fused_gap_loss, gap_loss_reference, masked_mean, masked_mean_reference
 
 from helpers import DEVICE, all_backend_params, loss_float64, poison_masked, random_mask, random_tokens, rel_err

@@ -14,34 +14,16 @@ from regap_fast.data import IGNORE_INDEX, Collator
 from regap_fast.model import TINY_BLIP2, ModelConfig, VisionLanguageModel, load_model, qformer_tower_class
 from regap_fast.projector import projector_state_dict
 
-from helpers import DEVICE, all_backend_params, check_projector, projector_inputs, random_mask, rel_err
+from helpers import (DEVICE, TINY_TEXT, all_backend_params, blip2_config, check_projector, images,
+                     projector_inputs, random_mask, rel_err)
 
 BACKENDS = all_backend_params("projector")
-
-TINY_TEXT = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-
-
-def blip2_config(num_query_tokens=3, vision_layers=2):
-    """A tiny Blip2Config dict (model_type blip-2): 32 px images, patch 16 (4 patches + CLS)."""
-    return dict(model_type="blip-2", num_query_tokens=num_query_tokens,
-                vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=vision_layers,
-                                   num_attention_heads=2, image_size=32, patch_size=16),
-                qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    cross_attention_frequency=1, encoder_hidden_size=24))
-
 
 @pytest.fixture(scope="module")
 def vlm():
     torch.manual_seed(0)
     return VisionLanguageModel.from_config(ModelConfig(arch="minigpt4", vision_config=blip2_config(),
                                                        text_config=TINY_TEXT)).eval()
-
-
-def images(n, seed=0, size=(40, 48)):
-    g = torch.Generator().manual_seed(seed)
-    return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
-            for _ in range(n)]
 
 
 def caption(text):
@@ -359,6 +341,7 @@ def test_qformer_tower_loads_only_the_vision_side(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gap_and_safety_eval_commands(vlm, tmp_path, capsys):
     import csv
 
@@ -403,6 +386,7 @@ def test_gap_and_safety_eval_commands(vlm, tmp_path, capsys):
     assert len((tmp_path / "s" / "responses.jsonl").read_text().splitlines()) == 6
 
 
+@pytest.mark.slow
 def test_demo_minigpt4_writes_the_same_summary(tmp_path):
     from regap_fast.cli import main
 

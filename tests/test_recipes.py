@@ -18,8 +18,7 @@ from regap_fast.train.config import add_config_arguments, config_from_args
 from regap_fast.train.loop import describe_trainable, setup_stage, vision_blocks_to_train
 from regap_fast.train.recipes import RECIPES
 
-from conftest import all_backend_params
-from test_minigpt4 import TINY_TEXT, blip2_config, images
+from helpers import TINY_TEXT, all_backend_params, blip2_config, images
 
 TINY_CLIP4 = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                   num_attention_heads=4, image_size=32, patch_size=16, projection_dim=32)
@@ -137,6 +136,7 @@ def _unfused(vlm, b, lam):
 
 @pytest.mark.parametrize("backend", [p for p in all_backend_params("projector") if p.values[0] != "cuda"])
 @pytest.mark.parametrize("arch", ["llava", "minigpt4"])
+@pytest.mark.slow
 def test_sharegpt4v_regap_gradients_equal_the_unfused_reference(arch, backend):
     vlm = _tiny(arch)
     vlm.projector.backend = vlm.config.projector_backend = backend
@@ -213,6 +213,7 @@ def _run(out, data, model, recipe, lam, **kw):
 
 
 @pytest.mark.parametrize("recipe, lr", [("minigpt4", 3e-3), ("sharegpt4v", 1e-3)])
+@pytest.mark.slow
 def test_stage1_steps_regap_ends_with_a_smaller_gap(tmp_path, shapes, tiny_models, recipe, lr, caplog):
     caplog.set_level(logging.INFO, logger="regap_fast.train")
     model = tiny_models[RECIPES[recipe].settings["arch"]]
