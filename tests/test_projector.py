@@ -18,12 +18,18 @@ TEXT_BACKENDS = all_backend_params("text_pool")
 SIZES = [(1, 7, 3, 12, 20), (3, 37, 5, 24, 40), (2, 5, 4, 33, 17), (4, 9, 6, 16, 48)]
 
 
+# LLaVA's MLP at every size above; the linear projector (MiniGPT-4) with 32 query tokens and an odd size
+FP32_CASES = ([pytest.param(FusedLlavaProjector, size, id=f"llava-{size}") for size in SIZES]
+              + [pytest.param(FusedLinearProjector, size, id=f"linear-{size}")
+                 for size in [(1, 32, 5, 24, 40), (3, 7, 4, 12, 20)]])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("cls, size", FP32_CASES)
 @pytest.mark.parametrize("masks", [False, True])
-def test_llava_projector_fp32(backend, size, masks):
+def test_projectors_fp32(backend, cls, size, masks):
     B, Ni, Nt, Dv, D = size
-    proj = FusedLlavaProjector(Dv, D).to(DEVICE)
+    proj = cls(Dv, D).to(DEVICE)
     x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
     check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
 
@@ -73,16 +79,6 @@ def test_llava_projector_under_autocast(backend):
     assert rel_err(out, plain) < 2e-3
     (pooled.sum() + out.float().sum()).backward()
     assert proj.linear_1.weight.grad.dtype == torch.float32 and torch.isfinite(proj.linear_1.weight.grad).all()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", [(1, 32, 5, 24, 40), (3, 7, 4, 12, 20)])
-@pytest.mark.parametrize("masks", [False, True])
-def test_linear_projector(backend, size, masks):
-    B, Ni, Nt, Dv, D = size
-    proj = FusedLinearProjector(Dv, D).to(DEVICE)
-    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 50, torch.float32, masks)
-    check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5)
 
 
 @pytest.mark.parametrize("backend", TEXT_BACKENDS)
