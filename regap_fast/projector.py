@@ -27,7 +27,7 @@ from . import backends
 from ._primitives import BroadcastSide
 from ._validation import check_choice, check_mask
 from .ops import pooled_text_embeddings
-from .reference import REDUCTIONS, accumulation_dtype, gap_from_means, mean_from_sum
+from .reference import REDUCTIONS, accumulation_dtype, gap_from_means, inv_or_zero, mean_from_sum
 
 # LLaVA's checkpoints (mm_projector = nn.Sequential(Linear, GELU, Linear)) name the two linear
 # layers "0" and "2"; transformers' LlavaMultiModalProjector names them "linear_1" and "linear_2".
@@ -132,7 +132,7 @@ class _FusedMlpGelu(torch.autograd.Function):
         pooled_h = mean_from_sum(pooled_sum, counts)
         acc = pooled_h.dtype
         pooled = F.linear(pooled_h, w2.to(acc), None if b2 is None else b2.to(acc))
-        inv_n = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0)
+        inv_n = inv_or_zero(counts)
         ctx.save_for_backward(x2d, w1, w2, pre, h, pooled_h, mask_flat, inv_n)
         ctx.rows_per_sample = rows_per_sample
         ctx.impl = impl

@@ -102,7 +102,7 @@ def gap_loss_reference(image_embeds, text_embeds, image_mask=None, text_mask=Non
 # --------------------------------------------------------------------------------------------------
 
 
-def _inv(n: torch.Tensor) -> torch.Tensor:
+def inv_or_zero(n: torch.Tensor) -> torch.Tensor:
     """1 / n where n > 0, else 0 (an empty side, or a zero gap, contributes no gradient)."""
     safe = torch.where(n > 0, n, torch.ones_like(n))
     return torch.where(n > 0, 1.0 / safe, torch.zeros_like(n))
@@ -112,7 +112,7 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
     """Returns (loss, direction = dgap/d(mu_i - mu_t) [B, D], stats [3, B] = 1/n_i, 1/n_t, weight)."""
     si, ni = masked_sum_count(image_embeds, image_mask)
     st, nt = masked_sum_count(text_embeds, text_mask)
-    inv_i, inv_t = _inv(ni), _inv(nt)
+    inv_i, inv_t = inv_or_zero(ni), inv_or_zero(nt)
     valid = (ni > 0) & (nt > 0)
     diff = torch.where(valid.unsqueeze(-1), mean_from_sum(si, ni) - mean_from_sum(st, nt), 0)
     sq = (diff * diff).sum(-1)
@@ -120,7 +120,7 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
         gaps, direction = sq, 2 * diff
     else:
         gaps = sq.sqrt()
-        direction = diff * _inv(gaps).unsqueeze(-1)
+        direction = diff * inv_or_zero(gaps).unsqueeze(-1)
     weight = valid.to(gaps.dtype)
     if reduction == "mean":
         weight = weight / valid.sum().clamp(min=1).to(gaps.dtype)
@@ -131,7 +131,7 @@ def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction
 def masked_mean_forward(x, mask):
     """Returns (mean [B, D], 1/n [B]) in the accumulation dtype."""
     s, n = masked_sum_count(x, mask)
-    return mean_from_sum(s, n), _inv(n)
+    return mean_from_sum(s, n), inv_or_zero(n)
 
 
 def gather_mean_forward(ids, weight, mask):

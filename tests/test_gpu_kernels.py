@@ -1,4 +1,4 @@
-"""The GPU pass: every kernel of every backend once, quickly (`pytest -m gpu`, under two minutes).
+"""The GPU pass: every kernel of every backend once, quickly (`pytest -m gpu`; sized for two minutes).
 
 One odd-sized case per kernel family, dtype and mask setting, forward and backward, against
 independent float64 computations or the unfused PyTorch step; the exhaustive sweeps live in the

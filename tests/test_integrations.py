@@ -559,3 +559,19 @@ def test_trl_sft_trainer_adds_the_gap_to_its_own_loss(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all(h["regap_gap"] > 0 for h in logged)
+
+
+def test_images_are_mapped_to_their_samples_in_order():
+    """Sample 0 holds two images, sample 1 none, sample 2 one: the sample means follow by hand."""
+    from regap_fast.integrations.transformers import _per_sample_image_means
+
+    pooled = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]])  # one pooled row per image
+    positions = torch.zeros(3, 10, dtype=torch.bool)
+    positions[0, :4] = True  # 2 images x 2 tokens
+    positions[2, 5:7] = True
+    means, has_image = _per_sample_image_means(pooled, positions, tokens_per_image=2)
+    torch.testing.assert_close(means, torch.tensor([[2.0, 4.0], [0.0, 0.0], [5.0, 5.0]]))
+    assert has_image.tolist() == [True, False, True]
+    positions[2, 7] = True  # 3 image tokens in a sample: no whole number of images
+    with pytest.raises(RegapError, match="cannot tell which sample"):
+        _per_sample_image_means(pooled, positions, tokens_per_image=2)

@@ -391,10 +391,12 @@ def _per_sample_image_means(pooled: Tensor, image_positions: Tensor, tokens_per_
     """[num_images, D] image means -> [B, D] sample means (images in order; equal tokens each), has_image."""
     per_sample = image_positions.sum(1)
     images = per_sample // tokens_per_image
-    if bool((per_sample % tokens_per_image).any()) or int(images.sum()) != pooled.shape[0]:
+    # one host sync per step for the check; repeat_interleave is told its size, so it adds none
+    if bool((per_sample % tokens_per_image).any() | (images.sum() != pooled.shape[0])):
         raise RegapError(f"{pooled.shape[0]} images of {tokens_per_image} tokens each, but the samples hold "
                          f"{per_sample.tolist()} image tokens: cannot tell which sample each image belongs to")
-    owner = torch.repeat_interleave(torch.arange(len(images), device=pooled.device), images.to(pooled.device))
+    owner = torch.repeat_interleave(torch.arange(len(images), device=pooled.device), images.to(pooled.device),
+                                    output_size=pooled.shape[0])
     sums = pooled.new_zeros(len(images), pooled.shape[1]).index_add(0, owner, pooled)
     return sums / images.clamp(min=1).to(sums).unsqueeze(1), images > 0
 
