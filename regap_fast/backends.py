@@ -108,7 +108,15 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, family:
     return reason if mod is None else ""
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` when this module
+    loads (seconds, for every user who never compiles): the mark it sets, set here. A test checks that
+    the two agree."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, family: str = "gap_loss") -> str:
     """Turn a user's backend choice into a concrete one, or raise before anything runs.
 

@@ -118,3 +118,24 @@ def test_the_core_ops_need_no_extra():
             "print('ok', float(regap_fast.fused_gap_loss(e.detach(), torch.randn(2, 3, 12))) > 0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok True", out.stderr[-3000:]
+
+
+def test_the_compile_constant_mark_is_torchs_own():
+    """backends marks ``resolve`` as torch.compiler.assume_constant_result would, without importing dynamo."""
+    from regap_fast.backends import _constant_under_compile
+
+    def ours():
+        pass
+
+    def theirs():
+        pass
+
+    assert _constant_under_compile(ours) is ours
+    torch.compiler.assume_constant_result(theirs)
+    assert ours.__dict__ == theirs.__dict__ and theirs.__dict__
+
+
+def test_importing_the_ops_does_not_import_dynamo():
+    code = "import sys, regap_fast.projector, regap_fast.model; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -313,10 +313,12 @@ def test_llava_and_hf_names_are_aliases():
         add_config_arguments(p)
         return config_from_args(p.parse_args(list(argv)))
     ours = parse("--out", "o", "--data", "d.json", "--image-folder", "i", "--save-every", "7", "--keep-checkpoints",
-                 "3", "--lr", "2e-3", "--micro-batch-size", "4", "--global-batch-size", "8", "--max-length", "99")
+                 "3", "--lr", "2e-3", "--micro-batch-size", "4", "--global-batch-size", "8", "--max-length", "99",
+                 "--mm-projector-lr", "1e-3")
     theirs = parse("--output_dir", "o", "--data_path", "d.json", "--image_folder", "i", "--save_steps", "7",
                    "--save_total_limit", "3", "--learning_rate", "2e-3", "--per_device_train_batch_size", "4",
-                   "--global_batch_size", "8", "--model_max_length", "99")
+                   "--global_batch_size", "8", "--model_max_length", "99", "--mm_projector_lr", "1e-3")
+    assert theirs.mm_projector_lr == 1e-3
     assert {k: v for k, v in theirs.to_dict().items() if k != "recipe_overrides"} == \
         {k: v for k, v in ours.to_dict().items() if k != "recipe_overrides"}
 

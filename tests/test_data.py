@@ -319,6 +319,26 @@ def test_bad_images_are_skipped_and_reported(tmp_path, tokenizer):
     assert len(batch["skipped"]) == 3 + 1  # counted once per draw
 
 
+def test_cache_loads_each_record_once_and_gives_equal_examples(tmp_path, tokenizer):
+    _write_images(tmp_path, 3)
+    (tmp_path / "1.png").write_bytes(b"this is not an image")
+    records = [record(i, f"{i}.png") for i in range(3)]
+    plain = LlavaDataset(records, tmp_path, ImageTransform(8), Encoder(tokenizer, 1))
+    cached = LlavaDataset(records, tmp_path, ImageTransform(8), Encoder(tokenizer, 1), cache=True)
+    loads = []
+    original = cached.load
+    cached.load = lambda rec: loads.append(rec["id"]) or original(rec)
+    for _ in range(3):  # three epochs
+        for i in range(3):
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and a["id"] == b["id"] and a["skipped"] == b["skipped"]
+            assert all(a[k] == b[k] for k in ("input_ids", "labels", "image_positions", "caption_positions"))
+            assert torch.equal(a["pixel_values"], b["pixel_values"])
+    # record 1 is bad: tried on every draw that reaches it (never cached), passed over to record 2
+    assert sorted(loads) == ["0", "1", "1", "1", "2"]
+    assert cached[1]["skipped"] and cached[2]["skipped"] == []  # what one draw skipped is not kept for the next
+
+
 def test_all_bad_is_an_error(tmp_path, tokenizer):
     ds = LlavaDataset([record(i, "nope.png") for i in range(3)], tmp_path, ImageTransform(8), Encoder(tokenizer, 1))
     with pytest.raises(RuntimeError, match="bad records in a row"):

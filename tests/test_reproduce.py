@@ -185,7 +185,8 @@ def test_selection_pools_seeds_and_applies_the_criterion_by_hand():
 def test_default_stage2_is_the_committed_selection():
     """The defaults are what the committed screening selected, re-derived here from its per-seed rows."""
     from regap_fast.reproduce.pipeline import Settings
-    from regap_fast.reproduce.selection import CANDIDATES, STAGE2_FIELDS, candidate_settings, choose, pool
+    from regap_fast.reproduce.selection import (CANDIDATES, DEFAULT_CHOSEN_BY, STAGE2_FIELDS, candidate_settings,
+                                                choose, format_selection, pool)
 
     docs = Path(__file__).resolve().parent.parent / "docs" / "reproduce"
     committed = json.loads((docs / "stage2-selection" / "selection.json").read_text())
@@ -193,6 +194,9 @@ def test_default_stage2_is_the_committed_selection():
     assert [e["candidate"] for e in committed["candidates"]] == list(CANDIDATES)[:len(table)]  # in order
     chosen, how = choose(table)
     assert chosen is not None and (chosen, how) == (committed["selected"], committed["selected_by"])
+    assert how == DEFAULT_CHOSEN_BY  # what the report says of the default
+    text = format_selection(committed["candidates"], chosen, how, committed["seeds"], 256, 64)
+    assert (docs / "stage2-selection" / "report.md").read_text() == text + f"\n\nCommand: `{committed['command']}`.\n"
     default, selected = Settings(), candidate_settings(Settings(), chosen)
     assert {k: getattr(default, k) for k in STAGE2_FIELDS} == {k: getattr(selected, k) for k in STAGE2_FIELDS}
     run = json.loads((docs / "summary.json").read_text())
@@ -378,18 +382,23 @@ def test_reproduce_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run_with_a_mixed_lora_stage2(tmp_path):
-    """--quick (2 seeds), stage 2 with text-only records mixed in and LoRA on the LM: the merged model is
-    evaluated like any other, and the report names its stage 2."""
+    """--quick (1 seed), stage 2 with text-only records mixed in, LoRA on the LM and the projector at its
+    own learning rate: the merged model is evaluated like any other, and the report names its stage 2."""
     from regap_fast.cli import main
 
     out = tmp_path / "repro"
     assert main(["reproduce", "--out", str(out), "--quick", "--no-progress", "--jobs", "1", *TINY,
-                 "--stage2-text-share", "0.25", "--stage2-lora-rank", "4", "--no-eval-stage1"]) == 0
+                 "--stage2-text-share", "0.25", "--stage2-lora-rank", "4", "--stage2-projector-lr", "0.01",
+                 "--no-eval-stage1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["seeds"] == [0, 1] and len(summary["runs"]) == 4
+    assert summary["seeds"] == [0] and len(summary["runs"]) == 2
+    stage2 = json.loads(next((out / "runs" / "seed0" / "lambda0" / "stage2" / "checkpoints").glob("*/config.json"))
+                        .read_text())
+    assert stage2["mm_projector_lr"] == 0.01 and stage2["cache_samples"]
     mix = json.loads((out / "data" / "stage2-requests0.5-text0.25-replay.json").read_text())
     assert sum("image" not in r for r in mix) == 32 and len(mix) == 128  # 96 image records + 32 text-only
     assert summary["command"].startswith("regap-fast reproduce --out ") and " --quick " in summary["command"]
     assert "--stage2-lora-rank 4" in summary["command"]
-    assert (out / "report.md").read_text().startswith("Stage 2 of these runs: 2 steps, lr 0.002, LoRA rank 4, 25% "
-                                                      "text-only (replay of the LM's text data).\n")
+    assert (out / "report.md").read_text().startswith("Stage 2 of these runs: 2 steps, LM lr 0.002, projector lr "
+                                                      "0.01, LoRA rank 4, 25% text-only (replay of the LM's text "
+                                                      "data).\n")

@@ -182,3 +182,19 @@ def test_demo_writes_its_summary(tmp_path):
     except ImportError:
         return
     assert Image.open(tmp_path / "demo.png").size[0] > 0
+
+
+def test_mm_projector_lr_gives_the_projector_its_own_learning_rate():
+    from regap_fast.train.loop import make_optimizer
+
+    lm = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+    projector = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(2))]
+    cfg = TrainConfig(stage=2, lr=2e-5, weight_decay=0.1, mm_projector_lr=2e-3)
+    groups = make_optimizer(lm + projector, cfg, fused=False, projector_params=projector).param_groups
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert [by_param[id(p)] for p in lm + projector] == [(2e-5, 0.1), (2e-5, 0.0), (2e-3, 0.1), (2e-3, 0.0)]
+    assert groups[0]["lr"] == 2e-5  # the lr the metrics log is --lr
+    same = make_optimizer(lm + projector, TrainConfig(stage=2, lr=2e-5), fused=False, projector_params=projector)
+    assert {g["lr"] for g in same.param_groups} == {2e-5} and len(same.param_groups) == 2
+    with pytest.raises(ValueError, match="--mm-projector-lr must be > 0"):
+        TrainConfig(mm_projector_lr=0.0).check()

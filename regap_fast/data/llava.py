@@ -391,12 +391,16 @@ class LlavaDataset(Dataset):
     good one (see the module docstring); ``example["skipped"]`` lists what was passed over."""
 
     def __init__(self, records: list[dict], image_folder: str | Path | None, transform: ImageTransform,
-                 encoder: Encoder, max_consecutive_bad: int = 100):
+                 encoder: Encoder, max_consecutive_bad: int = 100, cache: bool = False):
         self.records = records
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.transform = transform
         self.encoder = encoder
         self.max_consecutive_bad = max_consecutive_bad
+        # record index -> its example: loading (image decode, transform, chat template, tokeniser) is
+        # deterministic, so a small dataset seen for many epochs need not repeat it. Each DataLoader
+        # worker keeps its own cache.
+        self._cache: dict[int, dict] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -415,14 +419,16 @@ class LlavaDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         skipped = []
         for k in range(min(self.max_consecutive_bad, len(self.records))):
-            rec = self.records[(index + k) % len(self.records)]
+            i = (index + k) % len(self.records)
+            rec = self.records[i]
             try:
-                ex = self.load(rec)
+                ex = self._cache[i] if self._cache is not None and i in self._cache else self.load(rec)
             except BadRecord as exc:
                 skipped.append(f"{rec['id']}: {exc}")
                 continue
-            ex["skipped"] = skipped
-            return ex
+            if self._cache is not None:
+                self._cache[i] = ex
+            return dict(ex, skipped=skipped)  # a new dict: the cached example is never changed
         raise TooManyBadRecords(f"{len(skipped)} bad record{'s' if len(skipped) != 1 else ''} in a row from index "
                                 f"{index} (is the image folder right?); last: " + skipped[-1])
 

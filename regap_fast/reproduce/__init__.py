@@ -1,7 +1,7 @@
 """``regap-fast reproduce``: the paper's safety claim in miniature, end to end, through the library's own parts.
 
     regap-fast reproduce --out runs/repro [--quick | --seeds 8] [--regap-weight 0.2 ...]
-    regap-fast reproduce --select-stage2 --out DIR --seeds 2 --first-seed 100   # how stage 2 was chosen
+    regap-fast reproduce --select-stage2 --out DIR --seeds 6 --first-seed 100   # how stage 2 was chosen
 
 A toy language in words (captions of the synthetic shapes, requests with a refusal rule, benign image
 instructions: ``language.py``) and a tokenizer trained on it; a tiny Llama pretrained on it text
@@ -30,7 +30,7 @@ from pathlib import Path
 
 DEFAULT_WEIGHT = 0.2
 DEFAULT_SEEDS = 8
-QUICK_SEEDS = 2
+QUICK_SEEDS = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, metavar="N",
                         help=f"seeds per lambda (default: {DEFAULT_SEEDS}; with --quick, {QUICK_SEEDS})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"a first look: {QUICK_SEEDS} seeds instead of {DEFAULT_SEEDS} (about a quarter of "
-                             "the time; the intervals are wide)")
+                        help=f"a first look: {QUICK_SEEDS} seed instead of {DEFAULT_SEEDS}, under 2 minutes on 2 "
+                             "cores (one pair of runs: no interval over seeds)")
     parser.add_argument("--select-stage2", action="store_true",
                         help="instead of the reproduction: screen the stage-2 candidates on the baseline (lambda 0) "
                              "only and select one by the fixed criterion (selection.py; how the default was chosen)")
@@ -78,7 +78,9 @@ FLAGS = {"images": "--num-images"}  # fields whose flag is not their name
 FIELD_HELP = {"images": "synthetic image-caption pairs ", "stage2_text_share": "share of text-only records in stage 2 ",
               "stage2_text_data": "stage 2's text-only records: replay (the LM's own text data) or benign (benign "
                                   "requests) ", "stage2_lora_rank": "stage 2 trains LoRA adapters of this rank on the "
-                                                                    "LM (0: all its weights) "}
+                                                                    "LM (0: all its weights) ",
+              "stage2_lr": "stage 2's peak learning rate (the LM's, and the projector's unless the next is set) ",
+              "stage2_projector_lr": "the projector's own peak learning rate in stage 2 (0: --stage2-lr) "}
 
 
 def _flag(name: str) -> str:
@@ -138,9 +140,32 @@ def _task(root: str, settings, data, seed: int, weight: float, threads: int | No
     return row
 
 
-def _run_all(root: Path, settings, data, seeds: list[int], weights: list[float], jobs: int, threads: int | None,
+def _warm(threads: int | None) -> None:
+    """A worker's imports and settings, done while the LM pretrains instead of after it."""
+    from ..eval import evaluate  # noqa: F401
+    from ..model import load_model  # noqa: F401
+    from ..train import train  # noqa: F401
+    from . import pipeline  # noqa: F401
+
+    _quiet(threads)
+
+
+def _workers(jobs: int, threads: int | None):
+    """A pool of ``jobs`` processes, started and warmed now (None: the runs go in this process)."""
+    if jobs <= 1:
+        return None
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    for _ in range(jobs):
+        pool.submit(_warm, threads)
+    return pool
+
+
+def _run_all(root: Path, settings, data, seeds: list[int], weights: list[float], pool, threads: int | None,
              bar) -> list[dict]:
-    """Every (seed, lambda) run, ``jobs`` at a time; the bar advances as runs finish."""
+    """Every (seed, lambda) run, in ``pool`` (or in this process); the bar advances as runs finish."""
     runs = []
 
     def done(row):
@@ -150,17 +175,15 @@ def _run_all(root: Path, settings, data, seeds: list[int], weights: list[float],
         bar.update(1)
 
     todo = [(s, w) for s in seeds for w in weights]
-    if jobs <= 1:
+    if pool is None:
         for s, w in todo:
             bar.set_postfix_str(f"seed {s} lambda {w:g}")
             done(_task(str(root), settings, data, s, w, threads))
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            for f in as_completed([pool.submit(_task, str(root), settings, data, s, w, threads) for s, w in todo]):
-                done(f.result())
+        for f in as_completed([pool.submit(_task, str(root), settings, data, s, w, threads) for s, w in todo]):
+            done(f.result())
     return sorted(runs, key=lambda r: (r["seed"], r["regap_weight"]))
 
 
@@ -220,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     cuda = torch.cuda.is_available()
     cores = os.cpu_count() or 1
-    jobs = args.jobs or (1 if cuda else max(1, min(cores, len(seeds))))
+    jobs = args.jobs or (1 if cuda else max(1, min(cores, len(seeds) * (1 if args.select_stage2 else len(weights)))))
     threads = args.threads or (None if cuda else max(1, cores // jobs))
     if not cuda:  # the LM's pretraining runs alone: all cores unless --threads says otherwise
         torch.set_num_threads(args.threads or cores)
@@ -232,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
     for sub in ("runs", "compare"):
         shutil.rmtree(out / sub, ignore_errors=True)  # every run starts from scratch (deterministic)
     data = pipeline.prepare_data(out / "data", settings, args.data_seed)
-    print(f"regap-fast reproduce: {len(seeds)} seeds x lambda {', '.join(f'{w:g}' for w in weights)}; "
+    print(f"regap-fast reproduce: {len(seeds)} seed{'s' * (len(seeds) != 1)} x lambda "
+          f"{', '.join(f'{w:g}' for w in weights)}; "
           f"{'cuda' if cuda else f'cpu, {jobs} process(es) x {threads} thread(s)'}; "
           f"{len(data.harmful)} held-out harmful requests x 4 conditions", flush=True)
     from tqdm.auto import tqdm
@@ -240,10 +264,15 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(seeds) * len(weights), desc="reproduce", unit="run", disable=None if args.progress else True,
                dynamic_ncols=True, file=sys.stderr)
     bar.set_postfix_str(f"pretraining the LM ({settings.lm_steps} steps, text only)")
-    t_lm = time.perf_counter()
-    lm = pipeline.pretrain_lm(pipeline.pretrain_dir(out / "runs"), settings, data, args.data_seed)
-    lm = {"final_lm_loss": lm["final_lm_loss"], "seconds": time.perf_counter() - t_lm}
-    runs = _run_all(out / "runs", settings, data, seeds, weights, jobs, threads, bar)
+    pool = _workers(jobs, threads)
+    try:
+        t_lm = time.perf_counter()
+        lm = pipeline.pretrain_lm(pipeline.pretrain_dir(out / "runs"), settings, data, args.data_seed)
+        lm = {"final_lm_loss": lm["final_lm_loss"], "seconds": time.perf_counter() - t_lm}
+        runs = _run_all(out / "runs", settings, data, seeds, weights, pool, threads, bar)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     bar.close()
 
     report = build_report(runs)

@@ -62,25 +62,26 @@ class Settings:
     heldout_benign: int = 64
     eval_images: int = 128  # synthetic images for the "image" condition and the gap measurement
     # training
-    lm_steps: int = 600
+    lm_steps: int = 300
     lm_batch: int = 64
     lm_lr: float = 3e-3
-    stage1_steps: int = 400
+    stage1_steps: int = 100
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
     stage1_format: str = "chat"  # the describe prompt in the chat template (what the LM was pretrained on); or plain
-    # stage 2: the setting chosen on the baseline arm by selection.CRITERION (docs/reproduce/stage2-selection/)
-    stage2_steps: int = 400
+    # stage 2: the setting chosen on the baseline arm by selection.choose (docs/reproduce/stage2-selection/)
+    stage2_steps: int = 64  # one epoch of the stage-2 records
     stage2_batch: int = 32
     stage2_lr: float = 2e-3
-    stage2_request_share: float = 0.5  # of stage 2's image records: benign requests (the rest: image questions)
+    stage2_request_share: float = 1.0  # of stage 2's image records: benign requests (the rest: image questions)
     stage2_text_share: float = 0.02  # of stage 2's records: text-only ones (LLaVA-665k mixes in ShareGPT)
     stage2_text_data: str = "replay"  # replay: the LM's own text data; benign: benign requests only
     stage2_lora_rank: int = 0  # > 0: LoRA adapters of this rank on the LM (alpha = 2 x rank) instead of all weights
+    stage2_projector_lr: float = 0.0  # > 0: the projector's peak lr in stage 2 (stage2_lr: the LM's); 0: stage2_lr
     # evaluation
     max_new_tokens: int = 16
     eval_stage1: bool = True  # also evaluate the stage-1 model (before instruction tuning)
-    eval_batch: int = 64
+    eval_batch: int = 256  # every held-out request of a condition in one batch
     num_workers: int = 0
 
     def to_dict(self) -> dict:
@@ -186,7 +187,7 @@ def write_stage2_data(root: Path, s: Settings, seed: int) -> Path:
 
 def _common(s: Settings, seed: int) -> dict:
     return dict(seed=seed, num_workers=s.num_workers, progress=False, save_every=0, keep_checkpoints=1,
-                eval_samples=64, eval_every=0, plot=False, tensorboard=False)
+                eval_samples=64, eval_every=0, plot=False, tensorboard=False, cache_samples=True)
 
 
 def initial_model(path: Path, s: Settings, data: Data, seed: int) -> Path:
@@ -247,7 +248,7 @@ def stage2(out: Path, stage1_model: Path, s: Settings, data: Data, seed: int) ->
     return train(TrainConfig(**_common(s, seed), model=str(stage1_model), out=str(out), data=str(data.stage2),
                              image_folder=str(data.shapes.parent), stage=2, max_steps=s.stage2_steps,
                              global_batch_size=s.stage2_batch, micro_batch_size=s.stage2_batch, lr=s.stage2_lr,
-                             regap_weight=0.0, **lora))
+                             mm_projector_lr=s.stage2_projector_lr or None, regap_weight=0.0, **lora))
 
 
 # --------------------------------------------------------------------------------------------------

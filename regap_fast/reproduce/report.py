@@ -160,7 +160,8 @@ def headline(report: dict, cond: str = "image") -> list[str]:
                 continue
             d = stage["paired_difference"][w][cond]
             ci = "" if d["low"] is None else f" [95% CI {_pts(d['low'])}, {_pts(d['high'])}]"
-            parts.append(f"{when} {_pts(d['mean'])} points{ci}, lower in {d['wins']} of {d['n']} seeds "
+            seeds = f"seed{'s' * (d['n'] != 1)}"
+            parts.append(f"{when} {_pts(d['mean'])} points{ci}, lower in {d['wins']} of {d['n']} {seeds} "
                          f"({d['ties']} tied)")
         out.append(f"lambda {w} vs 0, unsafe rate with a {DESCRIPTIONS[cond]}: " + "; ".join(parts) + ".")
     return out

@@ -1,18 +1,22 @@
 """How the default stage 2 of ``regap-fast reproduce`` was chosen: on the baseline arm only.
 
-    regap-fast reproduce --select-stage2 --out docs/reproduce/stage2-selection --seeds 4 --first-seed 100
+    regap-fast reproduce --select-stage2 --out docs/reproduce/stage2-selection --seeds 6 --first-seed 100
 
-The candidates of ``CANDIDATES`` (the levers of LLaVA-1.5's stage 2: text-only records mixed into
-the image instructions, fewer steps, LoRA on the LM) are screened one after the other, in the
-order listed, each trained from the same stage-1 models, lambda 0 only (stage 1 runs once per seed;
-REGAP is never run here), and measured like the final models of the reproduction. ``CRITERION``
-and the order were fixed before any candidate ran: the criterion asks for the regime the paper
-describes, where the final model keeps its LM's text-only safety but loses it with an image; the
-first candidate that meets it is selected and the screening stops there. The screening seeds are
-disjoint from the reported ones (0 .. 7), so the reported baseline is a fresh measurement of the
-selected setting. The previous default (image instructions only, 400 steps, lr 2e-3) and the gentle
-one (200 steps, lr 1e-3) are not screened again: both fail the criterion on the 8 committed seeds
-(text-only unsafe 30.6%; unsafe with an image 2.3%).
+Every candidate of ``CANDIDATES`` (the levers of LLaVA-1.5's stage 2: one epoch, text-only records
+mixed into the image instructions as ShareGPT is into LLaVA-665k, an LM learning rate small next to
+its pretraining one, the projector's own learning rate) is trained from the same stage-1 models,
+lambda 0 only (stage 1 runs once per seed; REGAP is never run here), and measured like the final
+models of the reproduction. ``CRITERION`` asks for the regime the paper describes, where the final
+model keeps its LM's text-only safety but loses it with an image; the first candidate in the listed
+order that meets it is selected. The screening seeds are disjoint from the reported ones (0 .. 7), so
+the reported baseline is a fresh measurement of the selected setting.
+
+This is the second screening. The first (docs/reproduce/round1/stage2-selection/: two screening seeds,
+the earlier, longer stage 1 and LM pretraining) selected a 400-step stage 2 with 2% replay that
+met the criterion on its two seeds (30.9% unsafe with an image) but not on the eight reported ones
+(17.5%): two seeds were too few. This one screens on six, and every candidate is screened (the
+table is complete), the selection rule unchanged. None of the first eight met the criterion; of the
+four added after them (``ADDED_LATER``), "requests-only-replay-2%" did, and is the default.
 """
 
 from __future__ import annotations
@@ -52,41 +56,55 @@ class Criterion:
 
 CRITERION = Criterion()
 
-# name -> the stage-2 settings that differ from the previous default (image instructions only, all of the
-# LM's weights and the projector at lr 2e-3, 400 steps), in the order they are screened: first the mix
-# closest to LLaVA-665k (its ShareGPT conversations are a safety-tuned chat model's own text, refusals
-# included: here, a replay of the LM's text data), then benign text only, fewer steps, LoRA (rank 8, alpha 16,
-# every linear layer of the LM)
+# name -> its stage 2, in screening order: from the closest to LLaVA-1.5's (one epoch, about 6% text-only
+# records, every weight at a learning rate a tenth of the LM's pretraining one) towards stronger
+# instruction tuning (the projector at stage 1's rate, the LM's rate raised, fewer text-only records, a
+# second epoch). One epoch of the stage-2 data is 64 steps of 32. "replay": a sample of the LM's own
+# text data (LLaVA-665k's ShareGPT conversations are a chat model's own text, refusals included).
 CANDIDATES = {
-    "replay-25%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.25, stage2_text_data="replay"),
-    "benign-text-25%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.25, stage2_text_data="benign"),
-    "replay-25%-200-steps": dict(stage2_steps=200, stage2_lr=2e-3, stage2_text_share=0.25, stage2_text_data="replay"),
-    "lora-8": dict(stage2_steps=400, stage2_lr=5e-3, stage2_lora_rank=8),
-    # added during the screening (ADDED_LATER: after which failure), judged like every candidate on the
-    # baseline alone: the replays kept the text-only refusals but restored them with an image too, so
-    # smaller shares (LLaVA-665k's text-only share is about 6%)
-    "replay-10%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.10, stage2_text_data="replay"),
-    "replay-5%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.05, stage2_text_data="replay"),
-    "replay-2%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.02, stage2_text_data="replay"),
-    "replay-1%": dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.01, stage2_text_data="replay"),
+    "llava-like": dict(stage2_steps=64, stage2_lr=3e-4, stage2_text_share=0.06),
+    "projector-lr-x7": dict(stage2_steps=64, stage2_lr=3e-4, stage2_projector_lr=2e-3, stage2_text_share=0.06),
+    "lr-2e-3": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.06),
+    "lr-2e-3-replay-2%": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.02),
+    "2-epochs-projector-lr-x7-replay-2%": dict(stage2_steps=128, stage2_lr=3e-4, stage2_projector_lr=2e-3,
+                                               stage2_text_share=0.02),
+    "2-epochs-lr-2e-3-replay-2%": dict(stage2_steps=128, stage2_lr=2e-3, stage2_text_share=0.02),
+    # added once the six above had failed (ADDED_LATER), judged like them on the baseline alone: fewer
+    # text-only records gave more unsafe answers with an image (6%: 2.1%, 2%: 27.0%), so 1% and none
+    "lr-2e-3-replay-1%": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.01),
+    "lr-2e-3-image-only": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.0),
+    # added once those eight had failed, judged likewise: every image record a request (none an image
+    # question: more "answer when an image is attached"), and the learning rate either side of 2e-3
+    "requests-only-replay-2%": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.02,
+                                    stage2_request_share=1.0),
+    "requests-only-replay-6%": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.06,
+                                    stage2_request_share=1.0),
+    "lr-1e-3-replay-2%": dict(stage2_steps=64, stage2_lr=1e-3, stage2_text_share=0.02),
+    "lr-3e-3-replay-2%": dict(stage2_steps=64, stage2_lr=3e-3, stage2_text_share=0.02),
 }
-# candidate -> the candidate whose failure it was added after (during the screening)
-ADDED_LATER = {"replay-10%": "replay-25%", "replay-5%": "replay-25%", "replay-2%": "replay-10%",
-               "replay-1%": "replay-10%"}
-STAGE2_FIELDS = ("stage2_steps", "stage2_lr", "stage2_text_share", "stage2_text_data", "stage2_lora_rank")
+# candidate -> how many candidates had been screened (and failed) when it was added to the list
+ADDED_LATER = {"lr-2e-3-replay-1%": 6, "lr-2e-3-image-only": 6, "requests-only-replay-2%": 8,
+               "requests-only-replay-6%": 8, "lr-1e-3-replay-2%": 8, "lr-3e-3-replay-2%": 8}
+DEFAULT_CHOSEN_BY = "criterion"  # how the committed screening chose the default: "criterion" or "fallback"
+STAGE2_FIELDS = ("stage2_steps", "stage2_lr", "stage2_projector_lr", "stage2_request_share", "stage2_text_share",
+                 "stage2_text_data", "stage2_lora_rank")
 
 
 def candidate_settings(base: pipeline.Settings, name: str) -> pipeline.Settings:
-    """``base`` with the stage 2 of candidate ``name`` (the previous default's values where it names none)."""
-    previous = dict(stage2_steps=400, stage2_lr=2e-3, stage2_text_share=0.0, stage2_text_data="replay",
-                    stage2_lora_rank=0)
-    return dataclasses.replace(base, **{**previous, **CANDIDATES[name]})
+    """``base`` with the stage 2 of candidate ``name`` (the ``neutral`` values where it names none)."""
+    neutral = dict(stage2_steps=64, stage2_lr=2e-3, stage2_projector_lr=0.0, stage2_request_share=0.5,
+                   stage2_text_share=0.0, stage2_text_data="replay", stage2_lora_rank=0)
+    return dataclasses.replace(base, **{**neutral, **CANDIDATES[name]})
 
 
 def describe_stage2(s: pipeline.Settings) -> str:
     """The stage 2 of ``s`` in words, for the tables."""
     parts = [f"{s.stage2_steps} steps", f"lr {s.stage2_lr:g}"]
+    if s.stage2_projector_lr:
+        parts[-1] = f"LM lr {s.stage2_lr:g}, projector lr {s.stage2_projector_lr:g}"
     parts.append(f"LoRA rank {s.stage2_lora_rank}" if s.stage2_lora_rank else "all LM weights")
+    if s.stage2_request_share != 0.5:
+        parts.append(f"{100 * s.stage2_request_share:g}% of the image records requests")
     if s.stage2_text_share:
         what = "replay of the LM's text data" if s.stage2_text_data == "replay" else "benign requests"
         parts.append(f"{100 * s.stage2_text_share:g}% text-only ({what})")
@@ -173,7 +191,7 @@ def select(table: list[dict]) -> str | None:
 
 
 def fallback(table: list[dict]) -> str | None:
-    """When no candidate meets the criterion (a rule fixed before the last candidates ran): the criterion
+    """When no candidate meets the criterion (a rule fixed with it): the criterion
     without its floor on the unsafe rate with an image, and of the candidates that meet that, the one with
     the highest unsafe rate with an image (the most left for REGAP to reduce)."""
     ok = [e for e in table if e["unsafe_rate"]["text"] <= CRITERION.max_text_unsafe
@@ -196,7 +214,7 @@ def format_selection(table: list[dict], selected: str | None, how: str, seeds: l
              "reported seeds); REGAP was not run.", "", f"Criterion (fixed before any candidate ran): "
              f"{CRITERION.describe()}.", "",
              f"Selected: **{selected}**." if how == "criterion" else
-             "No candidate meets the criterion. By the fallback rule (fixed before the last two candidates ran: the "
+             "No candidate meets the criterion. By the fallback rule (fixed with the criterion: the "
              "criterion without its floor on the unsafe rate with an image, then the highest unsafe rate with an "
              f"image): **{selected}**.", "",
              "| candidate | stage 2 | " + " | ".join(f"unsafe, {DESCRIPTIONS[c]}" for c in CONDITION_NAMES)
@@ -210,17 +228,21 @@ def format_selection(table: list[dict], selected: str | None, how: str, seeds: l
                      f"{pct(e['benign_answered']['text'])} / {pct(e['benign_answered']['image'])} | "
                      f"{e['stage2_train_seconds']:.0f} | {'yes' if e['meets_criterion'] else 'no'} |")
     tried = {e["candidate"] for e in table}
-    late = [f"{name} after {after}" for name, after in ADDED_LATER.items() if name in tried]
-    if late:
-        lines += ["", "Added to the list during the screening, each once an earlier candidate had failed the criterion "
-                  f"(judged, as every candidate, on the baseline alone): {'; '.join(late)}."]
-    rest = [name for name in CANDIDATES if name not in tried]
-    if rest:
-        lines += ["", "Not screened (an earlier setting met the criterion): " + ", ".join(rest) + "."]
-    lines += ["", "Not screened again, because both fail the criterion on the 8 committed seeds (0 .. 7, "
-              "../previous-default-stage2/ and ../gentle-stage2/): the previous default (400 steps, lr 0.002, all LM "
-              "weights, image instructions only: text-only unsafe 30.6%) and the gentle stage 2 (200 steps, lr "
-              "0.001: unsafe with a synthetic-set image 2.3%)."]
+    batches: dict[int, list[str]] = {}
+    for name, after in ADDED_LATER.items():
+        if name in tried:
+            batches.setdefault(after, []).append(name)
+    if batches:
+        lines += ["", "Added to the list during the screening, each batch once every candidate before it had failed "
+                  "the criterion, and judged like them on the baseline alone: "
+                  + "; ".join(f"after the first {after}: {', '.join(names)}" for after, names in batches.items())
+                  + "."]
+    lines += ["", "Every candidate was screened; the order decides between those that meet the criterion (a "
+              "candidate added during the screening goes after every earlier one). The first screening "
+              "(../round1/stage2-selection/: two seeds, a longer stage 1 and LM pretraining) selected a setting that "
+              "met the criterion on its two screening seeds but not on the eight reported ones; its candidates and "
+              "the two stage 2s before it (../round1/, ../previous-default-stage2/, ../gentle-stage2/) are kept as "
+              "they were run."]
     lines += ["", f"Unsafe rates pooled over the screening seeds with Wilson 95% intervals ({n_harmful} held-out "
               f"harmful requests per seed); benign answered: the {n_benign} held-out benign requests, pooled likewise."]
     return "\n".join(lines)
@@ -246,15 +268,12 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
         pipeline.pretrain_lm(lm_dir, settings, data, data_seed)
     rows, table = [], []
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else _InProcess() as workers:
-        for candidate in candidates:  # in order, until one meets the criterion
+        for candidate in candidates:  # every one, in order: the first that meets the criterion is selected
             args = [(str(root), str(lm_dir / "model"), candidate, seed, threads) for seed in seeds]
             mine = list(workers.map(screen, *zip(*args)))
             rows += mine
             table.append(pool(mine, candidate[0], {k: getattr(candidate[1], k) for k in STAGE2_FIELDS}))
             print(f"screened {candidate[0]}: meets the criterion: {table[-1]['meets_criterion']}", flush=True)
-            selected = select(table)
-            if selected:
-                break
     selected, how = choose(table)
     summary = {"selected": selected, "selected_by": how, "criterion": dataclasses.asdict(CRITERION),
                "criterion_text": CRITERION.describe(), "seeds": seeds, "data_seed": data_seed, "candidates": table,
@@ -272,8 +291,12 @@ def stage2_note(s: pipeline.Settings) -> str:
     """What the report says about its stage 2: the setting, and for the default how it was chosen."""
     note = f"Stage 2 of these runs: {describe_stage2(s)}."
     default = pipeline.Settings()
-    if all(getattr(s, k) == getattr(default, k) for k in STAGE2_FIELDS + ("stage2_request_share", "stage2_batch")):
+    if all(getattr(s, k) == getattr(default, k) for k in STAGE2_FIELDS + ("stage2_batch",)):
+        how = ("it is the first in the screening order that meets it" if DEFAULT_CHOSEN_BY == "criterion" else
+               "no candidate met it on the screening seeds, and by the fallback rule fixed with it (drop the floor on "
+               "the unsafe rate with an image, take the highest such rate) it is this one")
         note += (" This is the default stage 2, selected on the baseline (lambda 0) arm alone, before REGAP was run "
-                 f"with it, by a criterion fixed beforehand: {CRITERION.describe()}. Every setting tried, with its "
-                 "baseline numbers: docs/reproduce/stage2-selection/ (`regap-fast reproduce --select-stage2`).")
+                 f"with it, by a criterion fixed beforehand: {CRITERION.describe()}; {how}. Every setting tried, "
+                 "with its baseline numbers: docs/reproduce/stage2-selection/ (`regap-fast reproduce "
+                 "--select-stage2`).")
     return note

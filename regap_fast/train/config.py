@@ -63,6 +63,8 @@ class TrainConfig:
     prompt_format: str = arg("auto", "plain: <image> caption (LLaVA stage 1); chat: the chat template "
                              "(stage 2); auto: by stage", ["auto", "plain", "chat"], group="data")
     num_workers: int = arg(2, "DataLoader worker processes per training process", group="data")
+    cache_samples: bool = arg(False, "keep each loaded example (tokens, pixels) in memory after its first load: "
+                              "for a small dataset trained for many epochs, not for LLaVA's 558k", group="data")
     # -- optimisation -------------------------------------------------------------------------------
     recipe: Optional[str] = arg(None, "a named preset of what trains, lr, warm-up, weight decay, batch and length: "
                                 + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
@@ -86,6 +88,8 @@ class TrainConfig:
     micro_batch_size: int = arg(16, "samples per forward/backward on one process; the rest is accumulation")
     lr: Optional[float] = arg(None, "peak learning rate (default: 1e-3 with the LM frozen, 2e-5 when it trains, "
                               "2e-4 LoRA)")
+    mm_projector_lr: Optional[float] = arg(None, "peak learning rate of the projector when it differs from --lr "
+                                           "(LLaVA's flag; e.g. a stage 2 that tunes the LM gently)")
     weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
     warmup_ratio: float = arg(0.03, "linear warm-up as a fraction of the steps, then cosine decay")
     min_lr_ratio: float = arg(0.0, "the cosine decays to lr x this (0: to zero)")
@@ -177,8 +181,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        for name in ("lr", "mm_projector_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if not self.epochs > 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         for name in ("warmup_ratio", "lora_dropout"):

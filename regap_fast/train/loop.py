@@ -136,8 +136,8 @@ def load_data(cfg: TrainConfig, vlm: VisionLanguageModel, source: DataSource):
 
     encoder = vlm.encoder(prompt_format(cfg), cfg.max_length)
 
-    def dataset(recs):
-        return LlavaDataset(recs, source.image_folder, vlm.image_transform, encoder)
+    def dataset(recs, cache=False):
+        return LlavaDataset(recs, source.image_folder, vlm.image_transform, encoder, cache=cache)
     train_records, eval_records = split_records(source.records, cfg)
     probe = dataset(eval_records)
     good = []
@@ -147,7 +147,7 @@ def load_data(cfg: TrainConfig, vlm: VisionLanguageModel, source: DataSource):
             good.append(rec)
         except BadRecord as exc:
             log.warning("held-out record %s dropped: %s", rec["id"], exc)
-    return dataset(train_records), dataset(good), len(eval_records) - len(good)
+    return dataset(train_records, cfg.cache_samples), dataset(good, cfg.cache_samples), len(eval_records) - len(good)
 
 
 def model_inputs(batch: dict, device: torch.device) -> dict:
@@ -250,7 +250,8 @@ def setup(plan: Plan, d: Dist) -> Run:
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / cfg.global_batch_size))
     model = wrap(vlm, cfg, d, bf16)
     params = [p for p in vlm.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, fused=d.device.type == "cuda" and not cfg.fsdp)
+    optimizer = make_optimizer(params, cfg, fused=d.device.type == "cuda" and not cfg.fsdp,
+                               projector_params=list(vlm.projector.parameters()))
     scheduler = make_scheduler(optimizer, cfg, total)
     start, extra = 0, {"skipped": 0, "tokens": 0, "train_seconds": 0.0, "initial_eval": None}
     if ckpt is not None:
@@ -285,13 +286,18 @@ def first_example(dataset) -> dict:
         raise RunError(str(exc).splitlines()[0]) from None
 
 
-def make_optimizer(params: list, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases and norms)."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.peak_lr(), betas=(0.9, 0.999),
-                             fused=fused)
+def make_optimizer(params: list, cfg: TrainConfig, fused: bool, projector_params=()) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases and norms). With ``--mm-projector-lr`` the
+    projector's parameters (``projector_params``) get that peak lr, the rest ``--lr`` (the first
+    groups: the lr that the metrics log)."""
+    lr = cfg.peak_lr()
+    own = {id(p) for p in projector_params} if cfg.mm_projector_lr is not None else set()
+    groups = []
+    for part, part_lr in ((False, lr), (True, cfg.mm_projector_lr)):
+        mine = [p for p in params if (id(p) in own) == part]
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": part_lr},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, "lr": part_lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
 def make_loader(train_set, collate, cfg: TrainConfig, d: Dist, accum: int, start: int, total: int) -> DataLoader:
@@ -316,9 +322,11 @@ def log_plan(run: Run) -> None:
              ", LoRA" if cfg.lora else "", "bf16 autocast" if f["bf16"] else "fp32", f["attention"])
     log.info("data: %s for training, %s held out (%d malformed dropped)", _n(f["train_records"], "record"),
              _n(f["held_out_records"], "record"), f["malformed"])
-    log.info("%s x %s (%s x %s of %d); lr %.2g (warm-up %g, weight decay %g); lambda %g%s",
+    projector_lr = f", projector {cfg.mm_projector_lr:.2g}" if cfg.mm_projector_lr is not None else ""
+    log.info("%s x %s (%s x %s of %d); lr %.2g%s (warm-up %g, weight decay %g); lambda %g%s",
              _n(run.total, "step"), _n(cfg.global_batch_size, "sample"), _n(run.d.world, "process"),
-             _n(run.accum, "micro-batch"), cfg.micro_batch_size, cfg.peak_lr(), cfg.warmup_ratio, cfg.weight_decay,
+             _n(run.accum, "micro-batch"), cfg.micro_batch_size, cfg.peak_lr(), projector_lr, cfg.warmup_ratio,
+             cfg.weight_decay,
              cfg.regap_weight, " (squared distance)" if cfg.regap_squared else "")
     log.info("%s trainable parameters: %s", f"{f['trainable_parameters']:,}", f["trainable"])
 

@@ -25,8 +25,8 @@ log = logging.getLogger("regap_fast.train")
 # micro-batch, cadence of evaluation and checkpoints, output switches, paths) may change on resume.
 TRAJECTORY_FIELDS = ("arch", "stage", "recipe", "train_vision", "train_lm", "lora", "lora_rank", "lora_alpha",
                      "lora_dropout", "regap_weight", "regap_squared", "max_steps", "epochs", "global_batch_size",
-                     "lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "seed", "eval_samples",
-                     "synthetic_samples", "max_length", "prompt_format", "vision_feature_layer")
+                     "lr", "mm_projector_lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "seed",
+                     "eval_samples", "synthetic_samples", "max_length", "prompt_format", "vision_feature_layer")
 
 IMAGES_CHECKED = 200  # records whose image paths are looked at before the run: enough to catch a wrong folder
 
