@@ -395,10 +395,10 @@ def test_quick_run_with_a_mixed_lora_stage2(tmp_path):
     stage2 = json.loads(next((out / "runs" / "seed0" / "lambda0" / "stage2" / "checkpoints").glob("*/config.json"))
                         .read_text())
     assert stage2["mm_projector_lr"] == 0.01 and stage2["cache_samples"]
-    mix = json.loads((out / "data" / "stage2-requests0.5-text0.25-replay.json").read_text())
+    mix = json.loads((out / "data" / "stage2-requests1-text0.25-replay.json").read_text())
     assert sum("image" not in r for r in mix) == 32 and len(mix) == 128  # 96 image records + 32 text-only
     assert summary["command"].startswith("regap-fast reproduce --out ") and " --quick " in summary["command"]
     assert "--stage2-lora-rank 4" in summary["command"]
     assert (out / "report.md").read_text().startswith("Stage 2 of these runs: 2 steps, LM lr 0.002, projector lr "
-                                                      "0.01, LoRA rank 4, 25% text-only (replay of the LM's text "
-                                                      "data).\n")
+                                                      "0.01, LoRA rank 4, 100% of the image records requests, 25% "
+                                                      "text-only (replay of the LM's text data).\n")
