@@ -110,7 +110,7 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, family:
 
 def _constant_under_compile(fn):
     """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` when this module
-    loads (seconds, for every user who never compiles): the mark it sets, set here. A test checks that
+    loads (2-3 s on a 2-core CPU, for every user who never compiles): the mark it sets, set here. A test checks that
     the two agree."""
     fn._dynamo_marked_constant = True
     return fn

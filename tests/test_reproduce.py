@@ -402,3 +402,15 @@ def test_quick_run_with_a_mixed_lora_stage2(tmp_path):
     assert (out / "report.md").read_text().startswith("Stage 2 of these runs: 2 steps, LM lr 0.002, projector lr "
                                                       "0.01, LoRA rank 4, 100% of the image records requests, 25% "
                                                       "text-only (replay of the LM's text data).\n")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--stage2-projector-lr", "-1", "--stage2-projector-lr must be >= 0"),
+    ("--stage2-text-share", "1", "--stage2-text-share must be in [0, 1)")])
+def test_bad_stage2_settings_are_one_line_errors_before_anything_runs(tmp_path, capsys, flag, value, message):
+    from regap_fast.cli import main
+
+    assert main(["reproduce", "--out", str(tmp_path / "repro"), "--no-progress", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "repro").exists()  # nothing written

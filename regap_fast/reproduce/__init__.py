@@ -236,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings(args)
         if not 0.0 <= settings.stage2_text_share < 1.0:
             raise ValueError(f"--stage2-text-share must be in [0, 1), got {settings.stage2_text_share:g}")
+        if settings.stage2_projector_lr < 0:
+            raise ValueError("--stage2-projector-lr must be >= 0 (0: --stage2-lr), got "
+                             f"{settings.stage2_projector_lr:g}")
     except ValueError as exc:
         print(f"regap-fast reproduce: error: {exc}", file=sys.stderr)
         return 2

@@ -70,7 +70,8 @@ CANDIDATES = {
                                                stage2_text_share=0.02),
     "2-epochs-lr-2e-3-replay-2%": dict(stage2_steps=128, stage2_lr=2e-3, stage2_text_share=0.02),
     # added once the six above had failed (ADDED_LATER), judged like them on the baseline alone: fewer
-    # text-only records gave more unsafe answers with an image (6%: 2.1%, 2%: 27.0%), so 1% and none
+    # text-only records gave more unsafe answers with an image (6%: 2.1%, 2%: 27.0% in the first pass, with
+    # a 200-step stage 1; 1.0% and 19.3% in the committed one), so 1% and none
     "lr-2e-3-replay-1%": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.01),
     "lr-2e-3-image-only": dict(stage2_steps=64, stage2_lr=2e-3, stage2_text_share=0.0),
     # added once those eight had failed, judged likewise: every image record a request (none an image
@@ -85,16 +86,17 @@ CANDIDATES = {
 # candidate -> how many candidates had been screened (and failed) when it was added to the list
 ADDED_LATER = {"lr-2e-3-replay-1%": 6, "lr-2e-3-image-only": 6, "requests-only-replay-2%": 8,
                "requests-only-replay-6%": 8, "lr-1e-3-replay-2%": 8, "lr-3e-3-replay-2%": 8}
+# a candidate's stage 2 where it names no value (half the image records requests, half image questions)
+NEUTRAL = dict(stage2_steps=64, stage2_lr=2e-3, stage2_projector_lr=0.0, stage2_request_share=0.5,
+               stage2_text_share=0.0, stage2_text_data="replay", stage2_lora_rank=0)
 DEFAULT_CHOSEN_BY = "criterion"  # how the committed screening chose the default: "criterion" or "fallback"
 STAGE2_FIELDS = ("stage2_steps", "stage2_lr", "stage2_projector_lr", "stage2_request_share", "stage2_text_share",
                  "stage2_text_data", "stage2_lora_rank")
 
 
 def candidate_settings(base: pipeline.Settings, name: str) -> pipeline.Settings:
-    """``base`` with the stage 2 of candidate ``name`` (the ``neutral`` values where it names none)."""
-    neutral = dict(stage2_steps=64, stage2_lr=2e-3, stage2_projector_lr=0.0, stage2_request_share=0.5,
-                   stage2_text_share=0.0, stage2_text_data="replay", stage2_lora_rank=0)
-    return dataclasses.replace(base, **{**neutral, **CANDIDATES[name]})
+    """``base`` with the stage 2 of candidate ``name`` (``NEUTRAL``'s values where it names none)."""
+    return dataclasses.replace(base, **{**NEUTRAL, **CANDIDATES[name]})
 
 
 def describe_stage2(s: pipeline.Settings) -> str:
@@ -103,7 +105,7 @@ def describe_stage2(s: pipeline.Settings) -> str:
     if s.stage2_projector_lr:
         parts[-1] = f"LM lr {s.stage2_lr:g}, projector lr {s.stage2_projector_lr:g}"
     parts.append(f"LoRA rank {s.stage2_lora_rank}" if s.stage2_lora_rank else "all LM weights")
-    if s.stage2_request_share != 0.5:
+    if s.stage2_request_share != NEUTRAL["stage2_request_share"]:
         parts.append(f"{100 * s.stage2_request_share:g}% of the image records requests")
     if s.stage2_text_share:
         what = "replay of the LM's text data" if s.stage2_text_data == "replay" else "benign requests"
