@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     cuda = torch.cuda.is_available()
     cores = os.cpu_count() or 1
-    jobs = args.jobs or (1 if cuda else max(1, min(cores, len(seeds) * (1 if args.select_stage2 else len(weights)))))
+    parallel = len(seeds) if args.select_stage2 else len(seeds) * len(weights)  # what can run side by side
+    jobs = args.jobs or (1 if cuda else max(1, min(cores, parallel)))
     threads = args.threads or (None if cuda else max(1, cores // jobs))
     if not cuda:  # the LM's pretraining runs alone: all cores unless --threads says otherwise
         torch.set_num_threads(args.threads or cores)

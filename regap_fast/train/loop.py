@@ -288,8 +288,8 @@ def first_example(dataset) -> dict:
 
 def make_optimizer(params: list, cfg: TrainConfig, fused: bool, projector_params=()) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on biases and norms). With ``--mm-projector-lr`` the
-    projector's parameters (``projector_params``) get that peak lr, the rest ``--lr`` (the first
-    groups: the lr that the metrics log)."""
+    projector's parameters (``projector_params``) get that peak lr, the rest ``--lr``. The rest's groups
+    come first, so the lr the metrics log (group 0's) is ``--lr``'s whenever more than the projector trains."""
     lr = cfg.peak_lr()
     own = {id(p) for p in projector_params} if cfg.mm_projector_lr is not None else set()
     groups = []
