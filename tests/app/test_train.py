@@ -17,7 +17,7 @@ from regap_fast.train import TrainConfig, train
 from regap_fast.train.checkpoint import latest_checkpoint
 from regap_fast.train.metrics import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,7 @@ def test_default_stage2_is_the_committed_selection():
     from regap_fast.reproduce.selection import (CANDIDATES, DEFAULT_CHOSEN_BY, STAGE2_FIELDS, candidate_settings,
                                                 choose, format_selection, pool)
 
-    docs = Path(__file__).resolve().parent.parent / "docs" / "reproduce"
+    docs = Path(__file__).resolve().parents[2] / "docs" / "reproduce"
     committed = json.loads((docs / "stage2-selection" / "selection.json").read_text())
     table = [pool(committed["rows"], e["candidate"], e["settings"]) for e in committed["candidates"]]
     assert [e["candidate"] for e in committed["candidates"]] == list(CANDIDATES)[:len(table)]  # in order

@@ -24,7 +24,7 @@ from regap_fast.train import TrainConfig, train
 from regap_fast.train.checkpoint import latest_checkpoint
 from regap_fast.train.metrics import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--num-workers", "0", "--no-progress", "--no-plot", "--no-tensorboard", "--global-batch-size", "2",
          "--micro-batch-size", "2"]
 

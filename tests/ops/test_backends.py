@@ -10,7 +10,7 @@ import torch
 
 from regap_fast import backends
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("archs, capability, runs", [
