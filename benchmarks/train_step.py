@@ -63,8 +63,8 @@ def synthetic_batch(vlm: VisionLanguageModel, batch: int, caption_len: int, devi
     labels = torch.where(caption, ids, torch.full_like(ids, IGNORE_INDEX))
     size = vlm.image_size
     pixels = torch.randn(batch, 3, size, size, generator=g)
-    return {k: v.to(device) for k, v in dict(input_ids=ids, pixel_values=pixels, image_positions=image,
-                                             labels=labels, caption_positions=caption).items()}
+    return {k: v.to(device) for k, v in dict(input_ids=ids, pixel_values=pixels, image_mask=image,
+                                             labels=labels, caption_mask=caption).items()}
 
 
 def make_step(vlm: VisionLanguageModel, batch: dict, regap_weight: float):

@@ -272,7 +272,7 @@ class Encoder:
     The image is ``num_image_tokens`` slots (filled with the pad id; the model writes the projector
     outputs there); their labels are ``IGNORE_INDEX``, as are the prompt's.
 
-    Caption tokens (REGAP's text side, ``caption_positions``), defined here only: the tokens of an
+    Caption tokens (REGAP's text side, ``caption_mask``), defined here only: the tokens of an
     answer's own text. Not the image slots, not the prompt, not a special token (BOS, EOS), not the
     plain format's separator. An answer and its separator are tokenised together (as LLaVA does);
     the caption tokens are the leading ones that equal the caption tokenised alone, so a token that
@@ -303,8 +303,8 @@ class Encoder:
     def _extend(out: dict, ids: list[int], labels: list[int], image: bool, caption: list[bool]) -> None:
         out["input_ids"] += ids
         out["labels"] += labels
-        out["image_positions"] += [image] * len(ids)
-        out["caption_positions"] += caption
+        out["image_mask"] += [image] * len(ids)
+        out["caption_mask"] += caption
 
     def _append_image(self, out: dict) -> None:
         before, after = self.image_wrap
@@ -356,7 +356,7 @@ class Encoder:
     def encode_segments(self, segments: Sequence[tuple]) -> dict[str, list]:
         """Token sequence of ``Segment``s (or ``(text, answer[, tail])`` tuples), BOS first."""
         segments = [Segment(*s) for s in segments]
-        out = {"input_ids": [], "labels": [], "image_positions": [], "caption_positions": []}
+        out = {"input_ids": [], "labels": [], "image_mask": [], "caption_mask": []}
         bos = self.tokenizer.bos_token
         if bos and not (segments and segments[0].text.startswith(bos)):
             self._extend(out, [self.tokenizer.bos_token_id], [IGNORE_INDEX], False, [False])
@@ -365,11 +365,11 @@ class Encoder:
         return out
 
     def encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:
-        """input_ids, labels, image_positions, caption_positions (lists of one length); BadRecord
+        """input_ids, labels, image_mask, caption_mask (lists of one length); BadRecord
         if the sequence cannot fit ``max_length``."""
         out = self.encode_segments(self._segments(conversations, has_image))
         if self.max_length and len(out["input_ids"]) > self.max_length:
-            if any(out["image_positions"][self.max_length:]):
+            if any(out["image_mask"][self.max_length:]):
                 raise BadRecord(f"the image tokens end beyond max_length={self.max_length}")
             out = {k: v[:self.max_length] for k, v in out.items()}
         if all(label == IGNORE_INDEX for label in out["labels"]):
@@ -442,8 +442,8 @@ class Collator:
 
     def __call__(self, examples: list[dict]) -> dict:
         S = max(len(e["input_ids"]) for e in examples)
-        fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "image_positions": False,
-                 "caption_positions": False, "attention_mask": 0}
+        fills = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "image_mask": False,
+                 "caption_mask": False, "attention_mask": 0}
         rows = {k: [] for k in fills}
         for e in examples:
             n = len(e["input_ids"])

@@ -155,14 +155,14 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
         with torch.inference_mode():
             out = vlm.pair_embeddings(images, [p.caption for p in batch], output_hidden_states=per_layer)
             image_embeds, text_embeds = out["image_embeds"], out["text_embeds"]
-            image_mask, text_mask = out["image_mask"], out["text_mask"]
-            gaps = fused_gap_loss(image_embeds, text_embeds, image_mask, text_mask, reduction="none")
-            valid = (image_mask.any(1) & text_mask.any(1)).cpu()
-            inputs.add(masked_mean(image_embeds, image_mask), masked_mean(text_embeds, text_mask), gaps.cpu(), valid)
+            text_mask = out["text_mask"]  # every image token counts
+            gaps = fused_gap_loss(image_embeds, text_embeds, None, text_mask, reduction="none")
+            valid = text_mask.any(1).cpu()
+            inputs.add(masked_mean(image_embeds), masked_mean(text_embeds, text_mask), gaps.cpu(), valid)
             if per_layer:
                 hidden = out["hidden_states"]
                 layers = layers or [_Centroids() for _ in hidden]
-                where_image, where_caption = out["image_positions"], out["caption_positions"]
+                where_image, where_caption = out["image_mask"], out["caption_mask"]
                 for acc, h in zip(layers, hidden):  # the same op, on one tensor with two position masks
                     g = fused_gap_loss(h, h, where_image, where_caption, reduction="none")
                     acc.add(masked_mean(h, where_image), masked_mean(h, where_caption), g.cpu(), valid)

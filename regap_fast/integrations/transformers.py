@@ -13,7 +13,7 @@
   projector also hands back its pooled output (no extra pass over the image tokens) and the loss
   gains ``regap_weight * gap``; otherwise the wrapped forward is called untouched (bitwise vanilla).
 
-Caption tokens — the text side of the gap — are defined once, in ``caption_mask``, as the library's
+Caption tokens — the text side of the gap — are defined once, in ``caption_tokens``, as the library's
 own data pipeline defines them (``regap_fast.data.llava.Encoder``: the answer's own text tokens at
 the LLM input). From an HF batch that is: positions whose label is not ``-100``, minus image tokens
 and special tokens (BOS, EOS, PAD and the image placeholder from the model's config, plus any
@@ -63,7 +63,7 @@ class RegapError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def caption_mask(input_ids: Tensor, labels: Tensor, special_ids: Tensor) -> Tensor:
+def caption_tokens(input_ids: Tensor, labels: Tensor, special_ids: Tensor) -> Tensor:
     """``[B, N]`` bool: the answer's text tokens (label != -100, not an image or special token)."""
     return (labels != IGNORE_INDEX) & ~torch.isin(input_ids, special_ids.to(input_ids.device))
 
@@ -374,7 +374,7 @@ def _batch_gap(model: nn.Module, state: RegapState, pooled_images: Tensor, token
     mu_image, has_image = _per_sample_image_means(pooled_images, input_ids == state.image_token_id,
                                                   tokens_per_image)
     if given_caption is None:
-        caption = caption_mask(input_ids, labels, state.special_ids)
+        caption = caption_tokens(input_ids, labels, state.special_ids)
     elif given_caption.dtype != torch.bool or given_caption.shape != input_ids.shape:
         raise RegapError(f"caption_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
                          f"got {given_caption.dtype} {tuple(given_caption.shape)}")
@@ -387,9 +387,9 @@ def _batch_gap(model: nn.Module, state: RegapState, pooled_images: Tensor, token
     return gap_from_means(mu_image, mu_text.to(mu_image.dtype), valid, squared=state.squared)
 
 
-def _per_sample_image_means(pooled: Tensor, image_positions: Tensor, tokens_per_image: int):
+def _per_sample_image_means(pooled: Tensor, image_mask: Tensor, tokens_per_image: int):
     """[num_images, D] image means -> [B, D] sample means (images in order; equal tokens each), has_image."""
-    per_sample = image_positions.sum(1)
+    per_sample = image_mask.sum(1)
     images = per_sample // tokens_per_image
     # one host sync per step for the check; repeat_interleave is told its size, so it adds none
     if bool((per_sample % tokens_per_image).any() | (images.sum() != pooled.shape[0])):

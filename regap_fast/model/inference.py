@@ -27,7 +27,7 @@ class InferenceMixin:
         b = self._batch(examples)
         dev = self.device
         input_ids, image_pos, caption_pos = (b[k].to(dev)
-                                             for k in ("input_ids", "image_positions", "caption_positions"))
+                                             for k in ("input_ids", "image_mask", "caption_mask"))
         image_embeds = self.projector(self.encode_images(b["pixel_values"]))
         inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
         # caption tokens gathered to the front of each row (a stable sort keeps their order), then padded
@@ -35,9 +35,9 @@ class InferenceMixin:
         order = torch.argsort((~caption_pos).to(torch.int8), dim=1, stable=True)[:, :nt]
         text_embeds = inputs_embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1]))
         text_mask = torch.arange(nt, device=dev) < caption_pos.sum(1, keepdim=True)
-        out = {"image_embeds": image_embeds, "text_embeds": text_embeds,
-               "image_mask": torch.ones(image_embeds.shape[:2], dtype=torch.bool, device=dev), "text_mask": text_mask,
-               "image_positions": image_pos, "caption_positions": caption_pos}
+        # text_mask: the valid rows of text_embeds; image_mask / caption_mask: positions in the sequence
+        out = {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_mask": text_mask,
+               "image_mask": image_pos, "caption_mask": caption_pos}
         if output_hidden_states:
             spliced = self._splice(inputs_embeds, image_embeds, image_pos)
             lm_out = self.language_model(inputs_embeds=spliced, use_cache=False, output_hidden_states=True,
@@ -68,7 +68,7 @@ class InferenceMixin:
                 examples.append(dict(enc.encode_prompt(prompt),
                                      pixel_values=None if im is None else self.image_transform(im)))
             b = self._batch(examples, padding_side="left")
-            input_ids, image_pos = b["input_ids"].to(dev), b["image_positions"].to(dev)
+            input_ids, image_pos = b["input_ids"].to(dev), b["image_mask"].to(dev)
             embeds = self.language_model.get_input_embeddings()(input_ids)
             if b["pixel_values"] is not None:
                 embeds = self._splice(embeds, self.projector(self.encode_images(b["pixel_values"])), image_pos)

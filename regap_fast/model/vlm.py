@@ -182,21 +182,21 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
             return self.arch.encode(self.vision_tower, pixel_values, self.config)
 
-    def _splice(self, inputs_embeds: Tensor, image_embeds: Tensor, image_positions: Tensor) -> Tensor:
+    def _splice(self, inputs_embeds: Tensor, image_embeds: Tensor, image_mask: Tensor) -> Tensor:
         """Write the image tokens (in order, image by image) into their slots of the input embeddings."""
-        per_sample = image_positions.sum(1).tolist()
+        per_sample = image_mask.sum(1).tolist()
         n = self.num_image_tokens
         if any(c not in (0, n) for c in per_sample) or sum(per_sample) != image_embeds.shape[0] * n:
-            raise ValueError(f"image_positions must mark {n} slots in each sample with an image "
+            raise ValueError(f"image_mask must mark {n} slots in each sample with an image "
                              f"({image_embeds.shape[0]} images), got {per_sample}")
-        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1),
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1),
                                             image_embeds.to(inputs_embeds.dtype))
 
     # -- training forward -------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, pixel_values: Optional[Tensor] = None,
-                image_positions: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                caption_positions: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
+                image_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                caption_mask: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
                 regap_weight: float = 0.0, compute_gap: bool = False, regap_squared: bool = False,
                 full_logits: bool = False, output_hidden_states: bool = False) -> dict:
         """The loss of a batch (the Collator's tensors).
@@ -216,7 +216,7 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         gap_sum = num_gap = None
         if pixel_values is not None:
             inputs_embeds, gap_sum, num_gap = self._splice_images(
-                inputs_embeds, input_ids, pixel_values, image_positions, caption_positions,
+                inputs_embeds, input_ids, pixel_values, image_mask, caption_mask,
                 want_gap=regap_weight > 0 or compute_gap, squared=regap_squared)
 
         keep = 0  # all positions
@@ -237,27 +237,27 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         return result
 
     def _splice_images(self, inputs_embeds: Tensor, input_ids: Tensor, pixel_values: Tensor,
-                       image_positions: Optional[Tensor], caption_positions: Optional[Tensor], *,
+                       image_mask: Optional[Tensor], caption_mask: Optional[Tensor], *,
                        want_gap: bool, squared: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """(the input embeddings with the image tokens in their slots, REGAP's summed gap, the number of
         samples it covers); the gap, when wanted, comes out of the projector's fused pass."""
-        if image_positions is None:
-            raise ValueError("pixel_values given without image_positions")
-        image_positions = image_positions.to(input_ids.device)
+        if image_mask is None:
+            raise ValueError("pixel_values given without image_mask")
+        image_mask = image_mask.to(input_ids.device)
         feats = self.encode_images(pixel_values)
         gap_sum = num_gap = None
         if want_gap:  # lambda = 0 never gets here: REGAP costs nothing when off
-            if caption_positions is None:
-                raise ValueError("REGAP needs caption_positions")
-            has_image = image_positions.any(1)
-            caption = caption_positions.to(input_ids.device)[has_image]
+            if caption_mask is None:
+                raise ValueError("REGAP needs caption_mask")
+            has_image = image_mask.any(1)
+            caption = caption_mask.to(input_ids.device)[has_image]
             embed_weight = self.language_model.get_input_embeddings().weight
             image_embeds, gap_sum = projector_gap_loss(self.projector, feats, input_ids[has_image], embed_weight, None,
                                                        caption, squared=squared, reduction="sum")
             num_gap = caption.any(1).sum()
         else:
             image_embeds = self.projector(feats)
-        return self._splice(inputs_embeds, image_embeds, image_positions), gap_sum, num_gap
+        return self._splice(inputs_embeds, image_embeds, image_mask), gap_sum, num_gap
 
     def _lm_loss(self, logits: Tensor, labels: Tensor, keep, *, text_only: bool) -> dict:
         """Summed next-token cross entropy over the labelled tokens, their number, and their mean.

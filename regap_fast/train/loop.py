@@ -158,7 +158,7 @@ def batch_counts(batch: dict) -> torch.Tensor:
     """[label tokens, samples with image and caption, input tokens, skipped records] of a micro-batch."""
     return torch.tensor([
         (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item(),
-        (batch["image_positions"].any(1) & batch["caption_positions"].any(1)).sum().item(),
+        (batch["image_mask"].any(1) & batch["caption_mask"].any(1)).sum().item(),
         batch["attention_mask"].sum().item(),
         len(batch["skipped"])], dtype=torch.float64)
 

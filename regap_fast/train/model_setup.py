@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("regap_fast.train")
 
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_positions", "labels", "caption_positions")
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_mask", "labels", "caption_mask")
 
 
 def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: torch.dtype) -> VisionLanguageModel:

@@ -238,9 +238,9 @@ def test_plain_format_is_llava_preprocess_plain_token_for_token(caption, tokens,
     input_ids, labels = llava_plain(tok, tokens, 3)
     assert ex["input_ids"] == input_ids
     assert ex["labels"] == labels
-    assert ex["image_positions"] == [False] + [True] * 3 + [False] * len(tokens)
+    assert ex["image_mask"] == [False] + [True] * 3 + [False] * len(tokens)
     # caption tokens: the caption's own, not the BOS, the image or the separator
-    assert ex["caption_positions"] == [False] * 4 + [True] * n_caption + [False] * (len(tokens) - n_caption)
+    assert ex["caption_mask"] == [False] * 4 + [True] * n_caption + [False] * (len(tokens) - n_caption)
     assert tok.eos_token_id not in ex["input_ids"]
 
 
@@ -251,7 +251,7 @@ def test_a_token_merging_caption_and_separator_is_not_caption():
     pad = tok.pad_token_id
     assert ex["input_ids"] == [v["<s>"], pad, pad, v["▁a"], v["▁red"], v["▁dog"], v[".\n"]]
     assert ex["labels"][3:] == ex["input_ids"][3:]
-    assert ex["caption_positions"] == [False] * 3 + [True, True, True, False]
+    assert ex["caption_mask"] == [False] * 3 + [True, True, True, False]
 
 
 def test_plain_end_none_ends_with_eos_instead():
@@ -259,7 +259,7 @@ def test_plain_end_none_ends_with_eos_instead():
     v = tok.get_vocab()
     ex = Encoder(tok, 1, "plain", plain_end=None).encode([{"from": "gpt", "value": "a dog"}], has_image=False)
     assert ex["input_ids"] == [v["<s>"], v["▁a"], v["▁dog"], v["</s>"]]
-    assert ex["caption_positions"] == [False, True, True, False]
+    assert ex["caption_mask"] == [False, True, True, False]
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_collator_pads_right_and_left(tokenizer):
     assert (right["labels"][1, len(b["input_ids"]):] == IGNORE_INDEX).all()
     left = Collator(tokenizer.pad_token_id, "left")([a, b])
     assert left["input_ids"][1, -len(b["input_ids"]):].tolist() == b["input_ids"]
-    assert not left["caption_positions"][1, : n - len(b["input_ids"])].any()
+    assert not left["caption_mask"][1, : n - len(b["input_ids"])].any()
 
 
 def _write_images(folder, n):
@@ -332,7 +332,7 @@ def test_cache_loads_each_record_once_and_gives_equal_examples(tmp_path, tokeniz
         for i in range(3):
             a, b = plain[i], cached[i]
             assert a.keys() == b.keys() and a["id"] == b["id"] and a["skipped"] == b["skipped"]
-            assert all(a[k] == b[k] for k in ("input_ids", "labels", "image_positions", "caption_positions"))
+            assert all(a[k] == b[k] for k in ("input_ids", "labels", "image_mask", "caption_mask"))
             assert torch.equal(a["pixel_values"], b["pixel_values"])
     # record 1 is bad: tried on every draw that reaches it (never cached), passed over to record 2
     assert sorted(loads) == ["0", "1", "1", "1", "2"]

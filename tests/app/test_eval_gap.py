@@ -46,7 +46,7 @@ def test_gap_equals_fused_gap_loss(tiny_vlm):
     ims = images(5)
     result = measure_gap(tiny_vlm, list(zip(ims, CAPTIONS)), batch_size=5, per_layer=False, progress=False)
     out = tiny_vlm.pair_embeddings(ims, CAPTIONS)
-    args = out["image_embeds"], out["text_embeds"], out["image_mask"], out["text_mask"]
+    args = out["image_embeds"], out["text_embeds"], None, out["text_mask"]
     expected = fused_gap_loss(*args, reduction="none")
     got = torch.tensor([s["gap"] for s in result["samples"]])
     torch.testing.assert_close(got, expected.cpu(), rtol=1e-6, atol=1e-6)
@@ -78,7 +78,7 @@ def test_per_layer_by_hand(tiny_vlm):
     hidden = out["hidden_states"]
     assert len(hidden) == 3 and len(result["per_layer"]) == 3  # input embeddings + 2 layers
     for layer, h in enumerate(hidden):
-        expected = _by_hand(h, out["image_positions"], out["caption_positions"])
+        expected = _by_hand(h, out["image_mask"], out["caption_mask"])
         got = result["per_layer"][layer]
         assert got["layer"] == layer
         for key, value in expected.items():

@@ -177,11 +177,11 @@ def test_minigpt4_splice_and_labels_hand_checked(vlm):
     a, red, circle = tok.convert_tokens_to_ids(["a", "Ġred", "Ġcircle"])
     n_before = 1 + len(img_open) + 3 + len(img_close)
     assert ex["labels"] == [IGNORE_INDEX] * n_before + [a, red, circle, tok.eos_token_id]
-    assert ex["image_positions"] == [False] * 6 + [True] * 3 + [False] * 10
-    assert ex["caption_positions"] == [False] * n_before + [True, True, True, False]  # the caption only
+    assert ex["image_mask"] == [False] * 6 + [True] * 3 + [False] * 10
+    assert ex["caption_mask"] == [False] * n_before + [True, True, True, False]  # the caption only
     # the chat format (generation) wraps the image the same way, in the user turn
     prompt = vlm.encoder("chat").encode_prompt(vlm.chat_prompt("What is it?", has_image=True))
-    first = prompt["image_positions"].index(True)
+    first = prompt["image_mask"].index(True)
     assert tok.convert_ids_to_tokens(prompt["input_ids"][first - 5:first]) == img_open
     assert tok.convert_ids_to_tokens(prompt["input_ids"][first + 3:first + 9]) == img_close
 
@@ -191,14 +191,14 @@ def test_minigpt4_forward_is_vit_qformer_linear_spliced(vlm):
     b = batch_of(vlm, ["a red circle", "a large blue star on the left"])
     tower = vlm.vision_tower
     with torch.no_grad():
-        out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], output_hidden_states=True)
+        out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], output_hidden_states=True)
         vit = tower.vision_model(pixel_values=b["pixel_values"]).last_hidden_state  # post-LayerNorm (ln_vision)
         q = tower.qformer(query_embeds=tower.query_tokens.expand(2, -1, -1), encoder_hidden_states=vit)
         want = F.linear(q.last_hidden_state, vlm.projector.weight, vlm.projector.bias)
         text = vlm.language_model.get_input_embeddings()(b["input_ids"])
     assert vit.shape == (2, 5, 24) and want.shape == (2, 3, 32)
     x0 = out["hidden_states"][0]
-    pos = b["image_positions"]
+    pos = b["image_mask"]
     torch.testing.assert_close(x0[pos], want.reshape(-1, 32))
     torch.testing.assert_close(x0[~pos], text[~pos])
     assert want[0, 0].sub(want[0, 1]).abs().max() > 1e-3  # the query tokens differ (N(0, 0.02) init, not zeros)
@@ -212,18 +212,18 @@ def test_minigpt4_gap_in_forward_and_its_gradient(vlm):
     texts = ["a red circle", "a large blue star on the left", "a small cyan square"]
     b = batch_of(vlm, texts)
     pe = vlm.pair_embeddings([images(1, seed=i)[0] for i in range(3)], texts)
-    ref = gap_loss_reference(pe["image_embeds"], pe["text_embeds"], pe["image_mask"], pe["text_mask"])
+    ref = gap_loss_reference(pe["image_embeds"], pe["text_embeds"], None, pe["text_mask"])
     vlm.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     try:
-        out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], b["caption_positions"],
+        out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], b["caption_mask"],
                   regap_weight=0.7)
         torch.testing.assert_close(out["gap"], ref)
         grads = torch.autograd.grad(out["gap"], [vlm.projector.weight, vlm.projector.bias])
         feats = vlm.encode_images(b["pixel_values"])
         img = F.linear(feats, vlm.projector.weight, vlm.projector.bias)
         txt = F.embedding(b["input_ids"], vlm.language_model.get_input_embeddings().weight)
-        want = torch.autograd.grad(gap_loss_reference(img, txt, None, b["caption_positions"]),
+        want = torch.autograd.grad(gap_loss_reference(img, txt, None, b["caption_mask"]),
                                    [vlm.projector.weight, vlm.projector.bias])
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
@@ -265,8 +265,8 @@ def test_save_and_load_roundtrip(vlm, tmp_path):
     assert isinstance(again.projector, FusedLinearProjector)
     b = batch_of(vlm, ["a red circle"])
     with torch.no_grad():
-        x = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"])["logits"]
-        y = again(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"])["logits"]
+        x = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"])["logits"]
+        y = again(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"])["logits"]
     torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
@@ -359,8 +359,7 @@ def test_gap_and_safety_eval_commands(vlm, tmp_path, capsys):
     # the same number the model's own REGAP computes on these pairs, in the model's precision (fp32)
     pe = vlm.pair_embeddings([Image.open(tmp_path / "imgs" / f"{i}.png") for i in range(3)],
                              [r["conversations"][1]["value"] for r in records])
-    want = float(regap_fast.gap_loss_reference(pe["image_embeds"], pe["text_embeds"], pe["image_mask"],
-                                               pe["text_mask"]))
+    want = float(regap_fast.gap_loss_reference(pe["image_embeds"], pe["text_embeds"], None, pe["text_mask"]))
     assert main(["gap", str(model), "--data", str(tmp_path / "pairs.json"), "--out", str(tmp_path / "g"),
                  "--batch-size", "2", "--precision", "fp32"]) == 0
     result = json.loads((tmp_path / "g" / "gap.json").read_text())

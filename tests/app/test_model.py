@@ -53,8 +53,8 @@ def test_plain_splice_labels_and_masks_hand_checked(vlm):
     #                     bos   4 image slots    caption            LLaVA's plain separator "\n" (no eos)
     assert ex["input_ids"] == [bos, pad, pad, pad, pad, a, red, circle, newline]
     assert ex["labels"] == [IGNORE_INDEX] * 5 + [a, red, circle, newline]
-    assert ex["image_positions"] == [False, True, True, True, True, False, False, False, False]
-    assert ex["caption_positions"] == [False] * 5 + [True, True, True, False]  # no separator, prompt or image
+    assert ex["image_mask"] == [False, True, True, True, True, False, False, False, False]
+    assert ex["caption_mask"] == [False] * 5 + [True, True, True, False]  # no separator, prompt or image
 
 
 def test_chat_labels_cover_answers_only(vlm):
@@ -66,35 +66,35 @@ def test_chat_labels_cover_answers_only(vlm):
     labelled = [i for i, lab in zip(ids, ex["labels"]) if lab != IGNORE_INDEX]
     assert tok.decode(labelled) == " a red circle</s> at the top</s>"
     assert all(lab in (IGNORE_INDEX, i) for i, lab in zip(ids, ex["labels"]))
-    cap = [i for i, c in zip(ids, ex["caption_positions"]) if c]
+    cap = [i for i, c in zip(ids, ex["caption_mask"]) if c]
     assert tok.decode(cap) == " a red circle at the top"
-    assert sum(ex["image_positions"]) == 4
-    first_image = ex["image_positions"].index(True)
+    assert sum(ex["image_mask"]) == 4
+    first_image = ex["image_mask"].index(True)
     assert tok.decode(ids[:first_image]).endswith("USER: ")  # the image where the placeholder was
-    assert not any(c for c, p in zip(ex["caption_positions"], ex["image_positions"]) if p)
+    assert not any(c for c, p in zip(ex["caption_mask"], ex["image_mask"]) if p)
 
 
 def test_forward_splices_image_tokens_into_their_slots(vlm):
     b = batch_of(vlm, [caption("a red circle"), caption("a large blue star on the left")])
     with torch.no_grad():
-        out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], output_hidden_states=True)
+        out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], output_hidden_states=True)
         image_embeds = vlm.projector(vlm.encode_images(b["pixel_values"]))
         text = vlm.language_model.get_input_embeddings()(b["input_ids"])
     x0 = out["hidden_states"][0]  # the LM's input embeddings
-    pos = b["image_positions"]
+    pos = b["image_mask"]
     torch.testing.assert_close(x0[pos], image_embeds.reshape(-1, image_embeds.shape[-1]))
     torch.testing.assert_close(x0[~pos], text[~pos])
-    bad = b["image_positions"].clone()
+    bad = b["image_mask"].clone()
     bad[0, 1] = False
-    with pytest.raises(ValueError, match="image_positions"):
+    with pytest.raises(ValueError, match="image_mask"):
         vlm(b["input_ids"], b["pixel_values"], bad, b["labels"])
 
 
 def test_loss_on_labels_only_and_logits_kept_where_needed(vlm):
     b = batch_of(vlm, [caption("a red circle"), caption("a large blue star on the left")])
     with torch.no_grad():
-        out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"])
-        full = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], full_logits=True)
+        out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"])
+        full = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], full_logits=True)
     manual = torch.nn.functional.cross_entropy(full["logits"][:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
                                                ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out["lm_loss"], manual)
@@ -107,12 +107,12 @@ def test_gap_in_forward_matches_the_reference_and_its_gradient(vlm):
     convs = [caption("a red circle"), caption("a large blue star on the left"), caption("a small cyan square")]
     b = batch_of(vlm, convs)
     pe = vlm.pair_embeddings([images(1, seed=i)[0] for i in range(3)], [c[1]["value"] for c in convs])
-    ref = gap_loss_reference(pe["image_embeds"], pe["text_embeds"], pe["image_mask"], pe["text_mask"])
+    ref = gap_loss_reference(pe["image_embeds"], pe["text_embeds"], None, pe["text_mask"])
     vlm.requires_grad_(False)
     vlm.projector.requires_grad_(True)
     try:
         lam = 0.7
-        out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], b["caption_positions"],
+        out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], b["caption_mask"],
                   regap_weight=lam)
         torch.testing.assert_close(out["gap"], ref)
         assert out["gap"] > 0
@@ -121,11 +121,11 @@ def test_gap_in_forward_matches_the_reference_and_its_gradient(vlm):
         feats = vlm.encode_images(b["pixel_values"])
         img = vlm.projector(feats)
         emb = vlm.language_model.get_input_embeddings()(b["input_ids"])
-        spliced = emb.masked_scatter(b["image_positions"].unsqueeze(-1), img)
+        spliced = emb.masked_scatter(b["image_mask"].unsqueeze(-1), img)
         logits = vlm.language_model(inputs_embeds=spliced).logits
         lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
                                                ignore_index=IGNORE_INDEX)
-        gap = gap_loss_reference(img, emb, None, b["caption_positions"])
+        gap = gap_loss_reference(img, emb, None, b["caption_mask"])
         expect = torch.autograd.grad(lm + lam * gap, list(vlm.projector.parameters()))
         for g, e in zip(grads, expect):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
@@ -139,11 +139,11 @@ def test_lambda_zero_never_computes_the_gap(vlm, monkeypatch):
 
     monkeypatch.setattr(model_mod.vlm, "projector_gap_loss", boom)  # where the forward looks it up
     b = batch_of(vlm, [caption("a red circle")])
-    out = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], b["caption_positions"],
+    out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], b["caption_mask"],
               regap_weight=0.0)
     assert out["gap"] is None and out["gap_sum"] is None
     with pytest.raises(AssertionError, match="lambda = 0"):
-        vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"], b["caption_positions"],
+        vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], b["caption_mask"],
             regap_weight=0.1)
 
 
@@ -162,15 +162,15 @@ def test_pair_embeddings(vlm):
     caps = ["a red circle", "there is a large green star at the bottom"]
     out = vlm.pair_embeddings(images(2), caps, output_hidden_states=True)
     D = vlm.language_model.config.hidden_size
-    assert out["image_embeds"].shape == (2, 4, D) and out["image_mask"].all()
+    assert out["image_embeds"].shape == (2, 4, D) and out["image_mask"].sum(1).tolist() == [4, 4]
     emb = vlm.language_model.get_input_embeddings().weight
     for b, cap in enumerate(caps):
         ids = vlm.tokenizer.encode(cap, add_special_tokens=False)
         assert int(out["text_mask"][b].sum()) == len(ids)
         torch.testing.assert_close(out["text_embeds"][b, :len(ids)], emb[ids])
-        assert int(out["caption_positions"][b].sum()) == len(ids)
+        assert int(out["caption_mask"][b].sum()) == len(ids)
     assert len(out["hidden_states"]) == vlm.language_model.config.num_hidden_layers + 1
-    torch.testing.assert_close(out["hidden_states"][0][out["image_positions"]],
+    torch.testing.assert_close(out["hidden_states"][0][out["image_mask"]],
                                out["image_embeds"].reshape(-1, D))
 
 
@@ -198,8 +198,8 @@ def test_save_and_load_roundtrip(vlm, tmp_path):
     assert again.tokenizer.chat_template == vlm.tokenizer.chat_template
     b = batch_of(vlm, [caption("a red circle")])
     with torch.no_grad():
-        x = vlm(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"])["logits"]
-        y = again(b["input_ids"], b["pixel_values"], b["image_positions"], b["labels"])["logits"]
+        x = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"])["logits"]
+        y = again(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"])["logits"]
     torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
@@ -225,7 +225,7 @@ def test_parts_from_folders_and_projector_only_save(tmp_path):
     assert all(k.startswith("projector.") for k in load_file(str(tmp_path / "out" / "model.safetensors")))
     again = load_model(tmp_path / "out")
     b = batch_of(vlm, [caption("a red circle")])
-    inputs = {k: b[k] for k in ("input_ids", "pixel_values", "image_positions")}
+    inputs = {k: b[k] for k in ("input_ids", "pixel_values", "image_mask")}
     with torch.no_grad():
         torch.testing.assert_close(vlm(**inputs)["logits"], again(**inputs)["logits"])
     with pytest.raises(ValueError, match="built from a config"):
@@ -275,10 +275,10 @@ def test_transformers_llava_folder_gives_the_same_logits(vlm, tmp_path):
     ours = load_model(tmp_path / "llava")
     assert ours.num_image_tokens == 4 and ours.config.image_aspect_ratio == "pad"
     b = batch_of(ours, [caption("a green diamond"), caption("a small red star in the center")])
-    ids = b["input_ids"].masked_fill(b["image_positions"], image_token)
+    ids = b["input_ids"].masked_fill(b["image_mask"], image_token)
     with torch.no_grad():
         want = llava(input_ids=ids, pixel_values=b["pixel_values"]).logits
-        got = ours(b["input_ids"], b["pixel_values"], b["image_positions"], full_logits=True)["logits"]
+        got = ours(b["input_ids"], b["pixel_values"], b["image_mask"], full_logits=True)["logits"]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

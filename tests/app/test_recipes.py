@@ -126,9 +126,9 @@ def _unfused(vlm, b, lam):
         img = F.linear(tower(b["pixel_values"]), proj.weight, proj.bias)
     table = vlm.language_model.get_input_embeddings().weight
     emb = F.embedding(b["input_ids"], table)
-    has = b["image_positions"].any(1)
-    gap = gap_loss_reference(img, emb[has], None, b["caption_positions"][has])
-    spliced = emb.masked_scatter(b["image_positions"].unsqueeze(-1), img)
+    has = b["image_mask"].any(1)
+    gap = gap_loss_reference(img, emb[has], None, b["caption_mask"][has])
+    spliced = emb.masked_scatter(b["image_mask"].unsqueeze(-1), img)
     logits = vlm.language_model(inputs_embeds=spliced).logits
     lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     return gap, lm + lam * gap
@@ -153,7 +153,7 @@ def test_sharegpt4v_regap_gradients_equal_the_unfused_reference(arch, backend):
 
     b = _batch(vlm, ["a red circle", "a large blue star on the left", "a small cyan square at the top"])
     lam = 0.7
-    inputs = {k: b[k] for k in ("input_ids", "pixel_values", "image_positions", "labels", "caption_positions")}
+    inputs = {k: b[k] for k in ("input_ids", "pixel_values", "image_mask", "labels", "caption_mask")}
     out = vlm(**inputs, regap_weight=lam)
     wrt = trainable + [table] + list(vlm.projector.parameters())
     gap_ref, loss_ref = _unfused(vlm, b, lam)
