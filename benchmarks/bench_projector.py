@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import regap_fast
-from regap_fast import backends
 from common import peak_memory_bytes, time_interleaved
+from regap_fast import backends
 
 LLAVA = dict(B=32, Ni=576, Nt=128, Dv=1024, D=4096, V=32000)
 MINIGPT4 = [dict(B=32, Ni=32, Nt=64, Dv=768, D=4096, V=32000), dict(B=32, Ni=32, Nt=64, Dv=768, D=5120, V=32000)]
@@ -198,33 +198,38 @@ def profile_steps(kind: str, shape: dict, device, dtype, names=PROFILED, steps_p
     return out
 
 
-def profile_markdown(profiles: dict) -> str:
-    """One table per contender: every kernel with its time per step, and the sum."""
+def profile_markdown(profiles: dict, results: dict | None = None) -> str:
+    """One table per contender: every kernel with its time per step, the sum, and (given the timed
+    results) the launch gap: the step's median time minus the kernels' sum, what CUDA graphs would save."""
     lines = []
     for name, p in profiles.items():
-        lines += [f"### {name}: {p['total_us']:.1f} us per step", "", "| kernel | calls | us per step |",
+        step = (results or {}).get(name, {}).get("time", {}).get("median_ms")
+        gap = ("" if step is None
+               else f"; timed step {step * 1e3:.1f} us, launch gap {step * 1e3 - p['total_us']:.1f} us")
+        lines += [f"### {name}: kernels {p['total_us']:.1f} us per step{gap}", "", "| kernel | calls | us per step |",
                   "| --- | --- | --- |"]
         lines += [f"| `{r['kernel']}` | {r['calls']} | {r['us']:.1f} |" for r in p["kernels"]]
         lines.append("")
     return "\n".join(lines)
 
 
-def section(rehearse: bool, device, dtype, ceilings: dict, log=print) -> dict:
-    """The whole projector section of the GPU report (tiny shapes on the CPU when rehearsing)."""
+def section(rehearse: bool, device, dtype, ceilings: dict, quick: bool = True, log=print) -> dict:
+    """The whole projector section of the GPU report (tiny shapes on the CPU when rehearsing): LLaVA-1.5
+    first, then its per-kernel profile (what decides the design), then MiniGPT-4's shapes."""
     llava = TINY_LLAVA if rehearse else LLAVA
     minigpt4 = TINY_MINIGPT4 if rehearse else MINIGPT4
     rounds = 1 if rehearse else 15
     rate = ceilings["bf16_matmul_flop_per_s"]
     out = {"llava": bench("llava", llava, device, dtype, rate, rounds=rounds), "minigpt4": []}
     _log_table(log, "LLaVA-1.5 projector", out["llava"])
-    for shape in minigpt4:
-        row = bench("linear", shape, device, dtype, rate, rounds=rounds)
-        out["minigpt4"].append(row)
-        _log_table(log, f"MiniGPT-4 projector {shape['Dv']} -> {shape['D']}", row)
     out["profile"] = profile_steps("llava", llava, device, dtype, steps_per_profile=1 if rehearse else 3,
                                    warmup=1 if rehearse else 3)
     for name, p in out["profile"].items():
         log(f"  profile {name:28s} {p['total_us']:.1f} us per step over {len(p['kernels'])} kernels")
+    for shape in minigpt4:
+        row = bench("linear", shape, device, dtype, rate, rounds=rounds)
+        out["minigpt4"].append(row)
+        _log_table(log, f"MiniGPT-4 projector {shape['Dv']} -> {shape['D']}", row)
     return out
 
 

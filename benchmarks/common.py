@@ -53,6 +53,13 @@ def environment() -> dict:
     return info
 
 
+def kernel_backends(device: torch.device, dtype: torch.dtype, family: str) -> list[str]:
+    """The kernel backends (triton, cuda) whose ``family`` runs on this device and dtype."""
+    from regap_fast import backends
+
+    return [b for b in ("triton", "cuda") if not backends.why_unavailable(b, torch.device(device), dtype, family)]
+
+
 def l2_bytes() -> int:
     p = torch.cuda.get_device_properties(0)
     return int(getattr(p, "L2_cache_size", 50 * 2**20))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, synchronized
-from train_step import build_model, make_step, synthetic_batch
+from bench_train_step import build_model, make_step, synthetic_batch
 
 SIZE, BATCH = ("7b", 4) if ON_GPU else ("tiny", 2)
 

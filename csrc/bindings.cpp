@@ -1,10 +1,10 @@
 // regap_fast._C: thin pybind11 bindings of the CUDA kernels. The only file that includes torch
 // headers (they dominate compile time); the kernel files take raw pointers and strides.
 //
-// Layout: helpers shared by every op, then one section per kernel file (gap_loss.cu, ...), each
-// ending in a bind_<file>(module) function; PYBIND11_MODULE at the bottom calls them all.
-// Python validates every input first (regap_fast/_validation.py); the TORCH_CHECKs here are the
-// last line of defence for direct callers of regap_fast._C.
+// Layout: helpers shared by every op, then one section per kernel file (gap_loss.cu, ...);
+// PYBIND11_MODULE at the bottom exports them all. Python checks every input a user can get wrong,
+// with the messages users see (regap_fast/_validation.py); the TORCH_CHECKs here keep only what
+// protects memory from a direct caller of regap_fast._C (device, rank, sizes, dtypes).
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -99,30 +99,30 @@ std::pair<at::Tensor, int64_t> per_sample(const at::Tensor& t, const char* name,
 // gap_loss.cu: pooled gap loss, masked mean, broadcast-rows backward
 // --------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_gap_forward(const at::Tensor& image_embeds,
-                                                                const at::Tensor& text_embeds,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gap_loss_forward(const at::Tensor& image_embeds,
+                                                                const at::Tensor& caption_embeds,
                                                                 const std::optional<at::Tensor>& image_mask,
-                                                                const std::optional<at::Tensor>& text_mask,
+                                                                const std::optional<at::Tensor>& caption_mask,
                                                                 int64_t reduction, bool squared) {
   const at::Device device = image_embeds.device();
   check_tokens(image_embeds, "image_embeds", device);
-  check_tokens(text_embeds, "text_embeds", device);
-  TORCH_CHECK(image_embeds.scalar_type() == text_embeds.scalar_type(),
-              "image_embeds and text_embeds must have the same dtype");
-  TORCH_CHECK(image_embeds.size(0) == text_embeds.size(0) && image_embeds.size(2) == text_embeds.size(2),
-              "image_embeds ", image_embeds.sizes(), " and text_embeds ", text_embeds.sizes(),
+  check_tokens(caption_embeds, "caption_embeds", device);
+  TORCH_CHECK(image_embeds.scalar_type() == caption_embeds.scalar_type(),
+              "image_embeds and caption_embeds must have the same dtype");
+  TORCH_CHECK(image_embeds.size(0) == caption_embeds.size(0) && image_embeds.size(2) == caption_embeds.size(2),
+              "image_embeds ", image_embeds.sizes(), " and caption_embeds ", caption_embeds.sizes(),
               " must agree in B and D");
   TORCH_CHECK(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ", reduction);
   const int64_t batch = image_embeds.size(0), dim = image_embeds.size(2);
   check_mask(image_mask, "image_mask", batch, image_embeds.size(1), device);
-  check_mask(text_mask, "text_mask", batch, text_embeds.size(1), device);
+  check_mask(caption_mask, "caption_mask", batch, caption_embeds.size(1), device);
   const regap::DType dtype = kernel_dtype(image_embeds.scalar_type(), "image_embeds");
 
   const c10::cuda::CUDAGuard guard(device);
   const regap::TokenSide image = token_side(image_embeds, image_mask);
-  const regap::TokenSide text = token_side(text_embeds, text_mask);
+  const regap::TokenSide caption = token_side(caption_embeds, caption_mask);
   regap::PoolPlan plan;
-  check_launch(regap::plan_pool(image, &text, batch, dim, dtype, &plan), "pool_gap_forward");
+  check_launch(regap::plan_pool(image, &caption, batch, dim, dtype, &plan), "gap_loss_forward");
 
   const auto f32 = image_embeds.options().dtype(at::kFloat);
   // freed when this function returns: the caching allocator reuses it only after the kernels on
@@ -132,11 +132,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_gap_forward(const at::Tensor
   at::Tensor gaps = at::empty({batch}, f32);
   at::Tensor stats = at::empty({3, batch}, f32);
   at::Tensor loss = reduction == 0 ? gaps : at::empty({}, f32);
-  check_launch(regap::gap_loss_forward(image, text, batch, dim, dtype, static_cast<regap::Reduction>(reduction),
+  check_launch(regap::gap_loss_forward(image, caption, batch, dim, dtype, static_cast<regap::Reduction>(reduction),
                                        squared, plan, partial.data_ptr<float>(), direction.data_ptr<float>(),
                                        gaps.data_ptr<float>(), stats.data_ptr<float>(), loss.data_ptr<float>(),
                                        at::cuda::getCurrentCUDAStream()),
-               "pool_gap_forward");
+               "gap_loss_forward");
   return {loss, direction, stats};
 }
 
@@ -222,27 +222,6 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>> broadcast_rows(
   return {out_a, out_t};
 }
 
-void bind_gap_loss(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("pool_gap_forward", &pool_gap_forward,
-        "pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction, squared)"
-        " -> (loss, direction, stats)\n\n"
-        "Forward of the REGAP gap loss. image_embeds [B, Ni, D] and text_embeds [B, Nt, D] (fp32/fp16/bf16,\n"
-        "any strides), masks [B, N] bool or None; reduction 0 = none, 1 = sum, 2 = mean.\n"
-        "Returns loss ([B] for none, else a scalar), direction = dgap/d(mu_i - mu_t) [B, D] and stats [3, B]\n"
-        "(1/n_image, 1/n_text, per-sample weight), all fp32.",
-        py::arg("image_embeds"), py::arg("text_embeds"), py::arg("image_mask"), py::arg("text_mask"),
-        py::arg("reduction"), py::arg("squared"));
-  m.def("masked_mean_forward", &masked_mean_forward,
-        "masked_mean_forward(x, mask) -> (mean [B, D], inv_count [B]), both fp32; x [B, N, D], mask [B, N] or None.",
-        py::arg("x"), py::arg("mask"));
-  m.def("broadcast_rows", &broadcast_rows,
-        "broadcast_rows(v, g, w, side_a, side_t, dtype) -> (out_a, out_t)\n\n"
-        "For each side (inv [B], rows, mask [B, rows] or None, sign), or None when not needed:\n"
-        "out[b, n] = sign g[b] w[b] inv[b] v[b] on valid rows (0 on masked rows). g and w are 0-d or [B];\n"
-        "a side without a mask comes back as [B, 1, D]; a side not needed as None.",
-        py::arg("v"), py::arg("g"), py::arg("w"), py::arg("side_a"), py::arg("side_t"), py::arg("dtype"));
-}
 
 // --------------------------------------------------------------------------------------------------
 // projector.cu: the projector's GEMM epilogues (the GEMMs are cuBLAS, called from Python)
@@ -324,8 +303,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> dgelu_backward(const at::Tenso
   const int64_t rows = pre_in.size(0), cols = pre_in.size(1);
   check_row_mask(mask, "mask_flat", rows, device);
   if (vec_in.has_value()) {
-    check_cuda_tensor(*vec_in, "vw2", device);
-    TORCH_CHECK(vec_in->dim() == 2 && vec_in->size(1) == cols, "vw2 must have shape [B, ", cols, "], got ",
+    check_cuda_tensor(*vec_in, "vec", device);
+    TORCH_CHECK(vec_in->dim() == 2 && vec_in->size(1) == cols, "vec must have shape [B, ", cols, "], got ",
                 vec_in->sizes());
     TORCH_CHECK(rows == 0 || rows_per_sample >= 1, "rows_per_sample must be >= 1, got ", rows_per_sample);
   }
@@ -370,22 +349,34 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> dgelu_backward(const at::Tenso
   return {dpre, dbias};
 }
 
-void bind_projector(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("gelu_pool_forward", &gelu_pool_forward,
-        "gelu_pool_forward(pre, mask_flat, rows_per_sample, batch, pool) -> (h, pooled_sum)\n\n"
-        "h = GELU(pre) (exact erf, fp32 math) in pre's dtype, pre [M, N] fp32/fp16/bf16. With pool, also\n"
-        "pooled_sum [batch, N] fp32: the sums of the valid rows (mask_flat [M] bool or None) of the stored h,\n"
-        "row r belonging to sample r // rows_per_sample (rows of samples >= batch are not summed); else None.",
-        py::arg("pre"), py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("batch"), py::arg("pool"));
-  m.def("dgelu_backward", &dgelu_backward,
-        "dgelu_backward(dh, pre, mask_flat, rows_per_sample, vw2, need_dbias, overwrite_dh) -> (dpre, db)\n\n"
-        "dpre = (dh + vw2[r // rows_per_sample] on valid rows) * GELU'(pre), fp32 math, in pre's dtype\n"
-        "(dh [M, N] of pre's dtype; vw2 [B, N] or None). db [N] fp32: the column sums of the stored dpre,\n"
-        "or None. overwrite_dh: dpre may be written into dh (when dh is contiguous).",
-        py::arg("dh"), py::arg("pre"), py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("vw2"),
-        py::arg("need_dbias"), py::arg("overwrite_dh"));
+at::Tensor mean_split(const at::Tensor& v, const std::optional<at::Tensor>& counts, at::ScalarType dtype) {
+  const at::Device device = v.device();
+  check_cuda_tensor(v, "v", device);
+  TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kFloat, "v must be a [B, N] float32 tensor, got ",
+              v.scalar_type(), " ", v.sizes());
+  const int64_t batch = v.size(0), cols = v.size(1);
+  const regap::DType out_dtype = kernel_dtype(dtype, "dtype");
+  const c10::cuda::CUDAGuard guard(device);
+  std::optional<std::pair<at::Tensor, int64_t>> n;
+  if (counts.has_value()) n = per_sample(*counts, "counts", batch, device);
+  const bool split = out_dtype != regap::DType::kFloat32;
+  at::Tensor out = at::empty({(split ? 2 : 1) * batch, cols}, v.options().dtype(dtype));
+  regap::MeanSplitArgs a;
+  a.v = v.data_ptr<float>();
+  a.v_stride_b = v.stride(0);
+  a.v_stride_n = v.stride(1);
+  if (n.has_value()) {
+    a.counts = n->first.data_ptr<float>();
+    a.counts_stride = n->second;
+  }
+  a.batch = batch;
+  a.cols = cols;
+  a.out = out.data_ptr();
+  a.split = split;
+  check_launch(regap::mean_split(a, out_dtype, at::cuda::getCurrentCUDAStream()), "mean_split");
+  return out;
 }
+
 
 // --------------------------------------------------------------------------------------------------
 // text_pool.cu: embedding-bag mean of the caption tokens
@@ -402,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor> gather_mean_forward(const at::Tensor& ids, co
   TORCH_CHECK(weight.dim() == 2, "weight must have shape [V, D], got ", weight.sizes());
   const regap::DType dtype = kernel_dtype(weight.scalar_type(), "weight");
   const int64_t batch = ids.size(0), tokens = ids.size(1), dim = weight.size(1);
-  check_mask(mask, "text_mask", batch, tokens, device);
+  check_mask(mask, "caption_mask", batch, tokens, device);
 
   const c10::cuda::CUDAGuard guard(device);
   const auto f32 = weight.options().dtype(at::kFloat);
@@ -441,15 +432,6 @@ std::tuple<at::Tensor, at::Tensor> gather_mean_forward(const at::Tensor& ids, co
   return {mean, inv_count};
 }
 
-void bind_text_pool(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("gather_mean_forward", &gather_mean_forward,
-        "gather_mean_forward(input_ids, weight, text_mask) -> (mean [B, D], inv_count [B]), both fp32\n\n"
-        "Masked mean of the embedding rows weight[input_ids[b, t]] over the valid tokens (text_mask [B, T]\n"
-        "bool or None); 0 and 0 for a sample with none. input_ids [B, T] int32/int64 in [0, V) (not checked),\n"
-        "weight [V, D] fp32/fp16/bf16, any strides.",
-        py::arg("input_ids"), py::arg("weight"), py::arg("text_mask"));
-}
 
 }  // namespace
 
@@ -471,10 +453,26 @@ std::vector<std::string> cuda_archs() {
   return out;
 }
 
+// Each function's contract is in its header (gap_loss.h, projector.h, text_pool.h) and in the Python
+// backend that calls it (regap_fast/backends/cuda_backend.py, with the torch backend's docstrings).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "regap_fast CUDA kernels (the `cuda` backend); see regap_fast/_cuda_backend.py";
+  namespace py = pybind11;
+  m.doc() = "regap_fast CUDA kernels (the `cuda` backend); see regap_fast/backends/cuda_backend.py";
   m.def("cuda_archs", &cuda_archs, "The GPU architectures compiled in: SASS as sm_XY, PTX as compute_XY.");
-  bind_gap_loss(m);
-  bind_projector(m);
-  bind_text_pool(m);
+  m.def("gap_loss_forward", &gap_loss_forward, "(loss, direction, stats): see gap_loss.h", py::arg("image_embeds"),
+        py::arg("caption_embeds"), py::arg("image_mask"), py::arg("caption_mask"), py::arg("reduction"),
+        py::arg("squared"));
+  m.def("masked_mean_forward", &masked_mean_forward, "(mean, inv_count): see gap_loss.h", py::arg("x"),
+        py::arg("mask"));
+  m.def("broadcast_rows", &broadcast_rows, "(out_a, out_t): see gap_loss.h", py::arg("v"), py::arg("g"),
+        py::arg("w"), py::arg("side_a"), py::arg("side_t"), py::arg("dtype"));
+  m.def("gelu_pool_forward", &gelu_pool_forward, "(h, pooled_sum): see projector.h", py::arg("pre"),
+        py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("batch"), py::arg("pool"));
+  m.def("dgelu_backward", &dgelu_backward, "(dpre, db): see projector.h", py::arg("dh"), py::arg("pre"),
+        py::arg("mask_flat"), py::arg("rows_per_sample"), py::arg("vec"), py::arg("need_dbias"),
+        py::arg("overwrite_dh"));
+  m.def("mean_split", &mean_split, "hi/lo rows of v / counts: see projector.h", py::arg("v"), py::arg("counts"),
+        py::arg("dtype"));
+  m.def("gather_mean_forward", &gather_mean_forward, "(mean, inv_count): see text_pool.h", py::arg("input_ids"),
+        py::arg("weight"), py::arg("caption_mask"));
 }

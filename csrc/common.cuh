@@ -58,23 +58,19 @@ __device__ __forceinline__ unsigned warp_valid_rows(int64_t first, int64_t step,
 // element conversion (all arithmetic is fp32)
 // --------------------------------------------------------------------------------------------------
 
+// Fp32<T>::to / ::from: T <-> float, round to nearest even; one line per element type
 template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+struct Fp32;
+// clang-format off
+template <> struct Fp32<float> { __device__ static float to(float x) { return x; } __device__ static float from(float x) { return x; } };
+template <> struct Fp32<__half> { __device__ static float to(__half x) { return __half2float(x); } __device__ static __half from(float x) { return __float2half_rn(x); } };
+template <> struct Fp32<__nv_bfloat16> { __device__ static float to(__nv_bfloat16 x) { return __bfloat162float(x); } __device__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); } };
+// clang-format on
 
 template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ float to_float(T x) { return Fp32<T>::to(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x) { return Fp32<T>::from(x); }
 
 // --------------------------------------------------------------------------------------------------
 // VEC consecutive elements moved as one memory instruction (16 bytes at most)

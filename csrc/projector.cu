@@ -8,6 +8,8 @@
 // backward  dgelu_kernel
 //              dpre = (dh + vec[sample] on valid rows) * GELU'(pre), plus its column sums
 //           sum_pieces_kernel<8>  (when there is more than one row chunk) adds the chunks' sums
+// both      mean_split_kernel  the fp32 [B, D] pooled mean (forward) or scaled gradient (backward) as
+//              hi/lo rows of the compute dtype, for the small GEMM with W2
 //
 // Layout (as in gap_loss.cu): a block is 8 warps; a warp spans 32 * VEC consecutive columns (VEC
 // elements per lane: 16-byte vectors when the rows allow it), so grid.x = column strips of 32 * VEC
@@ -126,13 +128,10 @@ __device__ __forceinline__ void block_column_sum(float (*scratch)[kWarpSize * VE
 // --------------------------------------------------------------------------------------------------
 
 struct FwdParams {
-  const void* pre;
-  int64_t pre_stride;
-  void* h;
-  int64_t h_stride;
+  const void* pre; int64_t pre_stride;
+  void* h; int64_t h_stride;
   int64_t rows, cols;
-  const uint8_t* mask;
-  int64_t mask_stride;
+  const uint8_t* mask; int64_t mask_stride;
   int64_t sample_rows;
   int64_t pool_samples;  // samples b < pool_samples are summed; 0: nothing is
   int64_t pieces, piece_rows, chunk_samples, chunks;
@@ -290,15 +289,11 @@ __global__ void __launch_bounds__(kRowThreads, kMinBlocks) gelu_pool_warp_kernel
 // --------------------------------------------------------------------------------------------------
 
 struct BwdParams {
-  const void* dh;  // may alias dpre (in place): neither is __restrict__
-  int64_t dh_stride;
-  const void* pre;
-  int64_t pre_stride;
-  void* dpre;
-  int64_t dpre_stride;
+  const void* dh; int64_t dh_stride;  // may alias dpre (in place): neither is __restrict__
+  const void* pre; int64_t pre_stride;
+  void* dpre; int64_t dpre_stride;
   int64_t rows, cols;
-  const uint8_t* mask;
-  int64_t mask_stride;
+  const uint8_t* mask; int64_t mask_stride;
   int64_t sample_rows;
   const float* vec;
   int64_t vec_rows, vec_stride_b, vec_stride_n;
@@ -421,6 +416,27 @@ __global__ void __launch_bounds__(kRowThreads) sum_pieces_kernel(const float* __
         out[o * cols + col] = t;
       }
       __syncthreads();
+    }
+  }
+}
+
+// --------------------------------------------------------------------------------------------------
+// mean_split: x = v[b] / n[b], then hi = T(x) (row b) and lo = T(x - hi) (row batch + b)
+// --------------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) mean_split_kernel(MeanSplitArgs a) {
+  wait_for_previous_grid();
+  T* out = static_cast<T*>(a.out);
+  for (int64_t b = blockIdx.y; b < a.batch; b += gridDim.y) {
+    const float n = a.counts != nullptr ? a.counts[b * a.counts_stride] : 1.0f;
+    for (int64_t c = int64_t(blockIdx.x) * kRowThreads + threadIdx.x; c < a.cols;
+         c += int64_t(gridDim.x) * kRowThreads) {
+      float x = a.v[b * a.v_stride_b + c * a.v_stride_n];
+      if (a.counts != nullptr) x = n > 0.0f ? __fdiv_rn(x, n) : 0.0f;  // THE mean formula (common.cuh)
+      const T hi = from_float<T>(x);
+      out[b * a.cols + c] = hi;
+      if (a.split) out[(a.batch + b) * a.cols + c] = from_float<T>(x - to_float<T>(hi));
     }
   }
 }
@@ -594,6 +610,15 @@ cudaError_t dgelu_backward(const DGeluArgs& a, DType dtype, const DGeluPlan& pla
   }));
   if (plan.partial_rows() > 0) return launch_sum_pieces(partial, plan.chunks, 1, a.cols, a.dbias, stream);
   return cudaSuccess;
+}
+
+cudaError_t mean_split(const MeanSplitArgs& a, DType dtype, cudaStream_t stream) {
+  if (a.batch < 0 || a.cols < 0) return cudaErrorInvalidValue;
+  if (a.batch == 0 || a.cols == 0) return cudaSuccess;
+  const dim3 grid(unsigned(std::min<int64_t>(ceil_div(a.cols, kRowThreads), 1024)), grid_y(a.batch));
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return launch(mean_split_kernel<decltype(tag)>, grid, kRowThreads, stream, a);
+  });
 }
 
 }  // namespace regap

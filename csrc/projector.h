@@ -8,6 +8,8 @@
 //   dgelu_backward     dpre = (dh + vec[r / rows_per_sample] on valid rows) * GELU'(pre) (fp32 math,
 //                      stored in pre's dtype) and, in the same pass, db = column sums of the stored
 //                      dpre (fp32): REGAP's broadcast gradient and the bias gradient at no extra pass.
+//   mean_split         x = v[b] / n[b] (fp32, correctly rounded) as hi = T(x) and lo = T(x - hi) rows:
+//                      how an fp32 per-sample vector meets a 16-bit weight in a GEMM with fp32 output.
 //
 // Rows are the flattened B * Ni image tokens; row r belongs to sample r / rows_per_sample. All sums
 // are deterministic (fixed-order partial sums and a small finish kernel; no atomics). Raw pointers,
@@ -101,5 +103,21 @@ cudaError_t plan_dgelu(const DGeluArgs& args, DType dtype, DGeluPlan* plan);
 
 cudaError_t dgelu_backward(const DGeluArgs& args, DType dtype, const DGeluPlan& plan, float* partial,
                            cudaStream_t stream);
+
+// --------------------------------------------------------------------------------------------------
+// mean_split: out[b] = T(x), out[batch + b] = T(x - out[b]) with x = v[b] / counts[b]
+// --------------------------------------------------------------------------------------------------
+
+struct MeanSplitArgs {
+  const float* v = nullptr;  // [batch, cols] fp32, any strides
+  int64_t v_stride_b = 0, v_stride_n = 0;
+  const float* counts = nullptr;  // [batch] fp32, any stride; nullptr: x = v (0 counts give x = 0)
+  int64_t counts_stride = 0;
+  int64_t batch = 0, cols = 0;
+  void* out = nullptr;  // [(split ? 2 : 1) * batch, cols], contiguous, of the output dtype
+  bool split = true;    // false (fp32 output): only out[b] = x
+};
+
+cudaError_t mean_split(const MeanSplitArgs& args, DType dtype, cudaStream_t stream);
 
 }  // namespace regap

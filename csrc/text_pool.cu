@@ -25,11 +25,9 @@ namespace {
 // 4 blocks (32 warps) per SM, at most 64 registers: with that budget ptxas issues all kUnroll row
 // loads before the first add (sm_90, CUDA 13.0); left free it aims at 64 warps, caps itself at 32
 // registers and serialises the loads (one row in flight per warp).
-constexpr int kMinBlocks = 4;
-constexpr int kFinishThreads = 256;
-// Grid sizing as in gap_loss.cu's pooling pass: about one wave; a chunk is never shorter than this
-// (each chunk costs an fp32 partial row).
-constexpr int kWaves = 1;
+// Grid sizing as in gap_loss.cu's pooling pass: about one wave (kWaves); a chunk is never shorter than
+// kMinChunkTokens (each chunk costs an fp32 partial row).
+constexpr int kMinBlocks = 4, kFinishThreads = 256, kWaves = 1;
 constexpr int64_t kMinChunkTokens = 64;
 
 struct GatherParams {

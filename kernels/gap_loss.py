@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from regap_fast.contracts import BroadcastSide
 
-from regap_fast._primitives import BroadcastSide
+from . import INTERPRETED, target_programs  # noqa: F401  (INTERPRETED: read by regap_fast.backends)
 
 # --------------------------------------------------------------------------------------------------
 # kernels
@@ -298,10 +298,6 @@ def _gather_mean_kernel(
         tl.store(inv_ptr + b, _inv_or_zero(n))
 
 
-# True when TRITON_INTERPRET=1 was set before this module was imported: the kernels then run on
-# CPU tensors (slowly; that is how the CPU tests exercise them).
-INTERPRETED = isinstance(_pool_partial_kernel, InterpretedFunction)
-
 # --------------------------------------------------------------------------------------------------
 # host side: launch configuration
 # --------------------------------------------------------------------------------------------------
@@ -311,16 +307,10 @@ def _block_d(n_dim: int, elem_size: int) -> int:
     return max(16, min(triton.next_power_of_2(n_dim), 512 // elem_size))
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16  # interpreter: few, larger programs run fastest
-
-
 def _chunking(n_batch: int, n_dblocks: int, token_counts: tuple[int, ...], block_n: int,
               device) -> tuple[int, list[int]]:
     """Token chunk length (a multiple of block_n) so that the grid has enough programs."""
-    per_sample = max(1, _target_programs(device) // max(1, n_batch * n_dblocks))
+    per_sample = max(1, target_programs(device) // max(1, n_batch * n_dblocks))
     total = max(1, sum(token_counts))
     chunk = triton.cdiv(triton.cdiv(total, per_sample), block_n) * block_n
     chunk = max(block_n, chunk)
@@ -340,22 +330,22 @@ _FINISH_BLOCK_D = 1024
 _COUNT_BLOCK = 1024
 
 
-def pool_gap_forward(image_embeds, text_embeds, image_mask, text_mask, reduction: str, squared: bool):
+def gap_loss_forward(image_embeds, caption_embeds, image_mask, caption_mask, reduction: str, squared: bool):
     """Forward of the gap loss. Returns (loss, direction [B, D] fp32, stats [3, B] fp32)."""
     B, n_i, D = image_embeds.shape
-    n_t = text_embeds.shape[1]
+    n_t = caption_embeds.shape[1]
     dev = image_embeds.device
     block_d = _block_d(D, image_embeds.element_size())
     n_dblocks = triton.cdiv(D, block_d)
     chunk, (chunks_i, chunks_t) = _chunking(B, n_dblocks, (n_i, n_t), _BLOCK_N, dev)
     part = torch.empty((B, chunks_i + chunks_t, D), device=dev, dtype=torch.float32)
     im, s_imb, s_imn, i_has = _mask_args(image_mask, image_embeds)
-    tm, s_tmb, s_tmn, t_has = _mask_args(text_mask, text_embeds)
+    tm, s_tmb, s_tmn, t_has = _mask_args(caption_mask, caption_embeds)
     _pool_partial_kernel[(n_dblocks, chunks_i + chunks_t, B)](
-        image_embeds, im, text_embeds, tm, part,
+        image_embeds, im, caption_embeds, tm, part,
         n_i, n_t, D, chunk, chunks_i,
         *image_embeds.stride(), s_imb, s_imn,
-        *text_embeds.stride(), s_tmb, s_tmn,
+        *caption_embeds.stride(), s_tmb, s_tmn,
         part.stride(0), part.stride(1),
         A_MASK=i_has, T_MASK=t_has, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         num_warps=4,
@@ -457,6 +447,9 @@ def gather_mean_forward(ids, weight, mask):
     B, T = ids.shape
     D = weight.shape[1]
     out = torch.empty((B, D), device=weight.device, dtype=torch.float32)
+    if D == 0:  # no column programs to launch: the counts alone
+        n = torch.full((B,), float(T), device=weight.device) if mask is None else mask.sum(1, dtype=torch.float32)
+        return out, torch.where(n > 0, 1.0 / n.clamp(min=1), 0.0)
     inv = torch.empty((B,), device=weight.device, dtype=torch.float32)
     block_d = _block_d(D, weight.element_size())
     m, s_mb, s_mt, has = _mask_args(mask, ids)

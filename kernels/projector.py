@@ -1,28 +1,28 @@
-"""Triton GEMMs with REGAP epilogues for LLaVA's projector (docs/design.md, "The fused projector").
+"""Triton kernels of the ``projector`` family: the memory-bound passes around the projector's cuBLAS GEMMs.
 
-forward   ``gelu_gemm_forward``:  pre = x @ W1^T + b1;  h = GELU(pre)  (exact erf);
-          stores pre and h (what the unfused projector keeps for its backward anyway) and, in the
-          same epilogue, adds each tile's valid rows of h into ``pooled_sum[sample]`` — the pooled
-          hidden state that gives the pooled image embedding as ``pooled_h @ W2^T + b2``.
-backward  ``dgelu_gemm_backward``: dh = dE @ W2, plus the gap's per-sample vector ``vW2[sample]`` on
-          valid rows (the broadcast REGAP gradient, never materialised), times GELU'(pre); stores
-          dpre and adds its column sums into db1.
+The GEMMs are cuBLAS (``regap_fast.ops.projector`` calls them through torch); each kernel here is the
+one elementwise pass that follows a GEMM anyway, with REGAP's work folded into it:
 
-Rows are the flattened ``B * Ni`` image tokens; row r belongs to sample ``r // Ni``. A tile spans
-few samples, so the per-sample work loops over the samples in the tile (one for Ni >= BLOCK_M).
-The pooled sums and db1 use fp32 atomics: their summation order (not their value) varies run to run.
+``gelu_pool_forward``  h = GELU(pre) (exact erf, fp32 math) and, in the same pass, the per-sample sums
+                       of the valid rows of the *stored* h: REGAP's pooled hidden state.
+``dgelu_backward``     dpre = (dh + vec[sample] on valid rows) * GELU'(pre), written over dh, and the
+                       column sums of the stored dpre (db1): REGAP's broadcast gradient in the pass.
+``mean_split``         v / n per sample as hi/lo rows of the compute dtype: how the fp32 pooled vector
+                       meets W2 in a 16-bit GEMM with fp32 output (no fp32 copy of W2).
+
+Rows are the flattened ``B * Ni`` image tokens; row r belongs to sample ``r // Ni``. A program owns a
+strip of columns and a run of rows inside one sample (a "piece"), so its sums never mix samples;
+pieces are summed afterwards in a fixed order. No atomics: bitwise reproducible run to run.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-# globals used inside @triton.jit functions must be constexpr objects
+from . import INTERPRETED, target_programs
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -39,202 +39,207 @@ def _gelu_grad(x):
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped tile order: GROUP_M row tiles share each column tile while it sits in L2."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    return pid_m, pid_n
+def _piece_rows(pid_r, M, sample_rows, piece_rows, pieces):
+    """(first row, end row, sample) of the piece ``pid_r``: piece ``pid_r % pieces`` of its sample."""
+    sample = pid_r // pieces
+    start = sample.to(tl.int64) * sample_rows + (pid_r % pieces).to(tl.int64) * piece_rows
+    end = tl.minimum(tl.minimum(start + piece_rows, (sample.to(tl.int64) + 1) * sample_rows), M)
+    return start, end, sample
 
 
 @triton.jit
-def _mainloop(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """acc[BLOCK_M, BLOCK_N] = A[rows, :] @ B[:, cols] in fp32."""
-    # rows/cols wrap around instead of being masked: out-of-range ones are dropped at the store
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn.to(tl.int64)[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    return acc
+def _tile(r0, end, cols, col_ok, BLOCK_M: tl.constexpr):
+    """The rows of the tile starting at r0 (int64), which of them are < end, and the tile's [M, N] mask."""
+    rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < end
+    return rows, row_ok, row_ok[:, None] & col_ok[None, :]
 
 
 @triton.jit
-def _gelu_gemm_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, pre_ptr, h_ptr, pooled_ptr, mask_ptr,
-    M, N, K, M_BUCKET, rows_per_sample,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_pooled,
-    HAS_BIAS: tl.constexpr, POOL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _load(ptr, rows, stride, cols, ok):
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _valid_rows(rows, row_ok, mask_ptr, mask_stride, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        return row_ok & (tl.load(mask_ptr + rows * mask_stride, mask=row_ok, other=0) != 0)
+    return row_ok
+
+
+@triton.jit
+def _gelu_pool_kernel(
+    pre_ptr, h_ptr, part_ptr, mask_ptr, M, N, sample_rows, piece_rows, pieces, pool_pieces,
+    stride_pre, stride_h, mask_stride,
+    POOL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(x_ptr, w_ptr, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Grid (column strips, pieces). Stores h; with POOL, the piece's column sums of the valid rows
+    of the stored h go to ``part[pid_r]`` (pieces >= pool_pieces, of samples past the batch, are not
+    pooled)."""
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    start, end, _ = _piece_rows(pid_r, M, sample_rows, piece_rows, pieces)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     col_ok = cols < N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_dtype = h_ptr.dtype.element_ty
-    pre = acc.to(out_dtype)
-    h = _gelu(acc).to(out_dtype)
-    offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(pre_ptr + offs, pre, mask=ok)
-    tl.store(h_ptr + offs, h, mask=ok)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows, row_ok, ok = _tile(r0, end, cols, col_ok, BLOCK_M)
+        h = _gelu(_load(pre_ptr, rows, stride_pre, cols, ok)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h, mask=ok)
+        if POOL:
+            valid = _valid_rows(rows, row_ok, mask_ptr, mask_stride, HAS_MASK)
+            acc += tl.where(valid[:, None], h.to(tl.float32), 0.0)  # the rounded h, as stored
     if POOL:
-        # pool the stored (rounded) h: exactly what the second layer will see
-        valid = row_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-        hv = tl.where(valid[:, None], h.to(tl.float32), 0.0)
-        sample = rows // rows_per_sample
-        first = (pid_m * BLOCK_M) // rows_per_sample
-        last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
-        for s in range(first, last + 1):
-            part = tl.sum(tl.where((sample == s)[:, None], hv, 0.0), axis=0)
-            tl.atomic_add(pooled_ptr + s * stride_pooled + cols, part, mask=col_ok)
+        if pid_r < pool_pieces:
+            tl.store(part_ptr + pid_r.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
-def _dgelu_gemm_bwd_kernel(
-    dy_ptr, w_ptr, pre_ptr, dpre_ptr, vw_ptr, mask_ptr, db_ptr,
-    M, N, K, M_BUCKET, rows_per_sample,
-    stride_dym, stride_dyk, stride_wk, stride_wn, stride_prem, stride_dm, stride_vw,
-    HAS_VEC: tl.constexpr, HAS_MASK: tl.constexpr, DBIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _dgelu_kernel(
+    dh_ptr, pre_ptr, dpre_ptr, vec_ptr, mask_ptr, part_ptr, M, N, sample_rows, piece_rows, pieces, vec_rows,
+    stride_dh, stride_pre, stride_dpre, stride_vec_b, stride_vec_n, mask_stride,
+    HAS_VEC: tl.constexpr, HAS_MASK: tl.constexpr, DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _mainloop(dy_ptr, w_ptr, M, N, K, stride_dym, stride_dyk, stride_wk, stride_wn, pid_m, pid_n,
-                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Grid (column strips, pieces). dpre = (dh + vec[sample] on valid rows) * GELU'(pre); with DBIAS,
+    the piece's column sums of the stored dpre go to ``part[pid_r]``. dpre may be dh (in place: each
+    element is read, then written, by the same program)."""
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    start, end, sample = _piece_rows(pid_r, M, sample_rows, piece_rows, pieces)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
     col_ok = cols < N
     if HAS_VEC:
-        # the REGAP gradient of sample s reaches h as vW2[s] on each valid row
-        valid = row_ok
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
-        sample = rows // rows_per_sample
-        first = (pid_m * BLOCK_M) // rows_per_sample
-        last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
-        for s in range(first, last + 1):
-            v = tl.load(vw_ptr + s * stride_vw + cols, mask=col_ok, other=0.0)
-            acc += tl.where((valid & (sample == s))[:, None], v[None, :], 0.0)
-    ok = row_ok[:, None] & col_ok[None, :]
-    pre = tl.load(pre_ptr + rows.to(tl.int64)[:, None] * stride_prem + cols[None, :], mask=ok, other=0.0)
-    dpre = (acc * _gelu_grad(pre.to(tl.float32))).to(dpre_ptr.dtype.element_ty)
-    tl.store(dpre_ptr + rows.to(tl.int64)[:, None] * stride_dm + cols[None, :], dpre, mask=ok)
+        v = tl.load(vec_ptr + sample.to(tl.int64) * stride_vec_b + cols * stride_vec_n,
+                    mask=col_ok & (sample < vec_rows), other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows, row_ok, ok = _tile(r0, end, cols, col_ok, BLOCK_M)
+        d = _load(dh_ptr, rows, stride_dh, cols, ok)
+        x = _load(pre_ptr, rows, stride_pre, cols, ok)
+        if HAS_VEC:
+            valid = _valid_rows(rows, row_ok, mask_ptr, mask_stride, HAS_MASK)
+            d += tl.where(valid[:, None], v[None, :], 0.0)
+        y = (d * _gelu_grad(x)).to(dpre_ptr.dtype.element_ty)
+        tl.store(dpre_ptr + rows[:, None] * stride_dpre + cols[None, :], y, mask=ok)
+        if DBIAS:
+            acc += tl.where(ok, y.to(tl.float32), 0.0)  # the rounded dpre, as stored
     if DBIAS:
-        part = tl.sum(tl.where(ok, dpre.to(tl.float32), 0.0), axis=0)
-        tl.atomic_add(db_ptr + cols, part, mask=col_ok)
+        tl.store(part_ptr + pid_r.to(tl.int64) * N + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-INTERPRETED = isinstance(_gelu_gemm_fwd_kernel, InterpretedFunction)
+@triton.jit
+def _mean_split_kernel(v_ptr, n_ptr, out_ptr, B, N, stride_v, HAS_COUNTS: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Grid (column strips, B): x = v[b] / n[b] (correctly rounded, 0 for n = 0; v[b] without counts);
+    out[b] = dtype(x) and, with SPLIT, out[B + b] = dtype(x - out[b])."""
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    x = tl.load(v_ptr + b * stride_v + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_COUNTS:
+        n = tl.load(n_ptr + b).to(tl.float32)
+        x = tl.where(n > 0, tl.math.div_rn(x, tl.maximum(n, 1.0)), 0.0)
+    hi = x.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * N + cols, hi, mask=ok)
+    if SPLIT:
+        tl.store(out_ptr + (B + b) * N + cols, (x - hi.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
+
 
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
 
 
-def _configs():
-    if INTERPRETED:  # the interpreter runs one program at a time: small tiles, one config
-        return [dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)]
-    if os.environ.get("REGAP_FAST_AUTOTUNE", "1") == "0":
-        # no tuning (GPU tests: seconds per shape otherwise); small enough for fp32 on any sm_80+
-        return [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
-    return [
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-        dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    ]
+def _blocks(N: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 32 x 128 elements per tile on a GPU; bigger tiles, fewer steps, when interpreted."""
+    block_n = min(triton.next_power_of_2(max(N, 16)), 128)
+    return (64 if INTERPRETED else 32), block_n
 
 
-def _autotune_configs():
-    out = []
-    for c in _configs():
-        c = dict(c)
-        warps, stages = c.pop("num_warps"), c.pop("num_stages")
-        out.append(triton.Config(c, num_warps=warps, num_stages=stages))
+def _pieces(M: int, sample_rows: int, strips: int, block_m: int, device) -> tuple[int, int, int]:
+    """(samples, piece_rows, pieces): each sample cut into enough pieces of whole row tiles to fill the grid."""
+    samples = triton.cdiv(M, sample_rows)
+    want = max(1, target_programs(device) // max(1, samples * strips))
+    piece_rows = triton.cdiv(triton.cdiv(sample_rows, want), block_m) * block_m
+    return samples, piece_rows, triton.cdiv(sample_rows, piece_rows)
+
+
+def _row_mask(mask_flat: torch.Tensor | None, like: torch.Tensor):
+    return (like, 0) if mask_flat is None else (mask_flat.view(torch.uint8), mask_flat.stride(0))
+
+
+def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def gelu_pool_forward(pre, mask_flat, rows_per_sample: int, batch: int, pool: bool):
+    """h = GELU(pre) [M, N] in pre's dtype and, with ``pool``, pooled_sum [batch, N] fp32 (sums of the
+    valid rows of the stored h, row r in sample r // rows_per_sample; None without ``pool``)."""
+    pre = _unit_column_stride(pre)
+    M, N = pre.shape
+    h = torch.empty((M, N), device=pre.device, dtype=pre.dtype)
+    if M == 0 or N == 0:
+        return h, (torch.zeros((batch, N), device=pre.device, dtype=torch.float32) if pool else None)
+    block_m, block_n = _blocks(N)
+    strips = triton.cdiv(N, block_n)
+    samples, piece_rows, pieces = _pieces(M, rows_per_sample if pool else M, strips, block_m, pre.device)
+    pooled_samples = min(samples, batch) if pool else 0
+    part = torch.empty((max(pooled_samples, 1) * pieces, N), device=pre.device, dtype=torch.float32)
+    mask, mask_stride = _row_mask(mask_flat, pre)
+    _gelu_pool_kernel[(strips, samples * pieces)](
+        pre, h, part, mask, M, N, rows_per_sample if pool else M, piece_rows, pieces, pooled_samples * pieces,
+        pre.stride(0), h.stride(0), mask_stride,
+        POOL=pool, HAS_MASK=mask_flat is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    if not pool:
+        return h, None
+    sums = part[:pooled_samples * pieces].view(pooled_samples, pieces, N)
+    pooled = sums[:, 0] if pieces == 1 else sums.sum(1)
+    if pooled_samples < batch:  # samples that own no row pool to zero
+        pooled = torch.cat([pooled, pooled.new_zeros((batch - pooled_samples, N))])
+    return h, pooled
+
+
+def dgelu_backward(dh, pre, mask_flat, rows_per_sample: int, vec, need_dbias: bool):
+    """dpre = (dh + vec[r // rows_per_sample] on valid rows) * GELU'(pre), written over dh when dh is
+    contiguous, and db = the column sums of the stored dpre ([N] fp32, or None). Returns (dpre, db)."""
+    pre = _unit_column_stride(pre)
+    M, N = pre.shape
+    dpre = dh if dh.is_contiguous() else torch.empty_like(pre)
+    if M == 0 or N == 0:
+        return dpre, (torch.zeros((N,), device=pre.device, dtype=torch.float32) if need_dbias else None)
+    dh = _unit_column_stride(dh)
+    block_m, block_n = _blocks(N)
+    strips = triton.cdiv(N, block_n)
+    samples, piece_rows, pieces = _pieces(M, rows_per_sample if vec is not None else M, strips, block_m,
+                                          pre.device)
+    part = torch.empty((samples * pieces if need_dbias else 1, N), device=pre.device, dtype=torch.float32)
+    mask, mask_stride = _row_mask(mask_flat, pre)
+    v = vec if vec is not None else part
+    _dgelu_kernel[(strips, samples * pieces)](
+        dh, pre, dpre, v, mask, part, M, N, rows_per_sample if vec is not None else M, piece_rows, pieces,
+        vec.shape[0] if vec is not None else 0,
+        dh.stride(0), pre.stride(0), dpre.stride(0), v.stride(0), v.stride(1), mask_stride,
+        HAS_VEC=vec is not None, HAS_MASK=mask_flat is not None, DBIAS=need_dbias,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )
+    return dpre, (part.sum(0) if need_dbias else None)
+
+
+def mean_split(v, counts, dtype: torch.dtype):
+    """The hi/lo rows (``[2B, N]`` in ``dtype``; ``[B, N]`` for fp32) of ``v / counts`` (``v`` itself when
+    counts is None), one launch."""
+    v = v.contiguous()
+    B, N = v.shape
+    split = dtype in (torch.float16, torch.bfloat16)
+    out = torch.empty(((2 if split else 1) * B, N), device=v.device, dtype=dtype)
+    if B == 0 or N == 0:
+        return out
+    block_n = min(triton.next_power_of_2(max(N, 16)), 1024)
+    _mean_split_kernel[(triton.cdiv(N, block_n), B)](
+        v, counts if counts is not None else v, out, B, N, v.stride(0),
+        HAS_COUNTS=counts is not None, SPLIT=split, BLOCK_N=block_n, num_warps=4,
+    )
     return out
-
-
-def m_bucket(M: int) -> int:
-    """The autotuning key for the row count: the next power of two. A new batch size, or the last
-    partial batch of an epoch, reuses the tuned config of its bucket instead of tuning again
-    (seconds each time: 10.4 s in the demo's first step on an H100 when M itself was the key)."""
-    return triton.next_power_of_2(max(1, M))
-
-
-# The key holds M_BUCKET, not M. reset_to_zero: autotuning reruns the kernel on the real buffers;
-# the atomically accumulated ones must start from zero again for each trial (and after the last).
-# REGAP_FAST_AUTOTUNE=0 (read at import) leaves one fixed config: no tuning at all.
-_fwd = triton.autotune(_autotune_configs(), key=["M_BUCKET", "N", "K", "POOL"],
-                       reset_to_zero=["pooled_ptr"])(_gelu_gemm_fwd_kernel)
-_bwd = triton.autotune(_autotune_configs(), key=["M_BUCKET", "N", "K", "HAS_VEC"],
-                       reset_to_zero=["db_ptr"])(_dgelu_gemm_bwd_kernel)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _grid(M, N):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-
-def gelu_gemm_forward(x2d, w1, b1, mask_flat, rows_per_sample: int, batch: int, pool: bool):
-    """x2d [M, K] @ w1[N, K]^T + b1 -> (pre, h) [M, N] in x's dtype, pooled_sum [B, N] fp32 (or None)."""
-    M, K = x2d.shape
-    N = w1.shape[0]
-    pre = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
-    h = torch.empty_like(pre)
-    pooled = torch.zeros((batch, N), device=x2d.device, dtype=torch.float32) if pool else None
-    mask = mask_flat.view(torch.uint8) if mask_flat is not None else x2d
-    _fwd[_grid(M, N)](
-        x2d, w1, b1 if b1 is not None else x2d, pre, h, pooled if pool else pre, mask,
-        M, N, K, m_bucket(M), rows_per_sample,
-        x2d.stride(0), x2d.stride(1), w1.stride(1), w1.stride(0), pre.stride(0), N,
-        HAS_BIAS=b1 is not None, POOL=pool, HAS_MASK=mask_flat is not None, PRECISION=_precision(x2d.dtype),
-    )
-    return pre, h, pooled
-
-
-def dgelu_gemm_backward(dy, w2, pre, mask_flat, rows_per_sample: int, vw2, need_dbias: bool):
-    """dpre = (dy @ w2 + vw2[sample] on valid rows) * GELU'(pre); db1 = column sums of dpre (fp32)."""
-    M, K = dy.shape
-    N = w2.shape[1]
-    dpre = torch.empty((M, N), device=dy.device, dtype=pre.dtype)
-    db = torch.zeros((N,), device=dy.device, dtype=torch.float32) if need_dbias else None
-    mask = mask_flat.view(torch.uint8) if mask_flat is not None else dy
-    _bwd[_grid(M, N)](
-        dy, w2, pre, dpre, vw2 if vw2 is not None else dy, mask, db if need_dbias else dpre,
-        M, N, K, m_bucket(M), rows_per_sample,
-        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(1), pre.stride(0), dpre.stride(0),
-        vw2.stride(0) if vw2 is not None else 0,
-        HAS_VEC=vw2 is not None, HAS_MASK=mask_flat is not None, DBIAS=need_dbias,
-        PRECISION=_precision(dy.dtype),
-    )
-    return dpre, db

@@ -14,11 +14,13 @@ __version__ = "0.1.0"
 # errors import this package and must not pay for torch (seconds) or transformers (more seconds)
 _EXPORTS = {
     "BackendUnavailable": ".backends",
-    "fused_gap_loss": ".ops", "masked_mean": ".ops", "pooled_text_embeddings": ".ops",
+    "fused_gap_loss": ".ops", "gap_from_means": ".ops", "masked_mean": ".ops", "pooled_text_embeddings": ".ops",
+    "llava_projector": ".ops", "linear_projector": ".ops",
     "FusedLinearProjector": ".projector", "FusedLlavaProjector": ".projector", "projector_gap_loss": ".projector",
-    "gap_from_means": ".reference", "gap_loss_reference": ".reference", "masked_mean_reference": ".reference",
+    "gap_from_means_reference": ".reference", "gap_loss_reference": ".reference",
+    "masked_mean_reference": ".reference",
     "apply_regap": ".integrations.transformers", "remove_regap": ".integrations.transformers",
-    "RegapCallback": ".integrations.transformers",
+    "RegapCallback": ".integrations.transformers", "RegapError": ".core", "modality_gap": ".core",
 }
 
 __all__ = sorted(_EXPORTS)

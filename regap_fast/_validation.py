@@ -50,3 +50,31 @@ def check_pair(a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> No
         raise ValueError(f"batch sizes differ: {a_name} has B={a.shape[0]}, {b_name} has B={b.shape[0]}")
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(f"embedding sizes differ: {a_name} has D={a.shape[-1]}, {b_name} has D={b.shape[-1]}")
+
+
+def check_means(mu_image, mu_caption, valid) -> None:
+    """Two ``[B, D]`` pooled sides and an optional ``[B]`` bool validity flag."""
+    for name, t in (("mu_image", mu_image), ("mu_caption", mu_caption)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a [B, D] tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if mu_image.shape != mu_caption.shape:
+        raise ValueError(f"mu_image {tuple(mu_image.shape)} and mu_caption {tuple(mu_caption.shape)} differ in shape")
+    if valid is not None:
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != mu_image.shape[:1]:
+            raise ValueError(f"valid must be a [B] = [{mu_image.shape[0]}] bool tensor or None")
+        if valid.device != mu_image.device:
+            raise ValueError(f"valid is on {valid.device} but mu_image is on {mu_image.device}")
+
+
+def check_projector_input(x, image_mask, in_features: int) -> None:
+    """Vision features ``[B, Ni, in_features]`` and an optional ``[B, Ni]`` image mask."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [B, Ni, {in_features}], got {tuple(x.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the projector expects {in_features}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_mask("image_mask", image_mask, "x", x)

@@ -18,6 +18,8 @@ import importlib
 import sys
 import warnings
 
+from .flags import HelpFormatter
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("regap_fast.train.demo", "stage-1 training with and without REGAP on the embedded tiny default"),
@@ -30,49 +32,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written; every option's default in its help; aliases out of the flag column.
-
-    An action may carry ``hidden_aliases`` (other spellings, e.g. ``--output_dir`` for ``--out``): they
-    parse, and the help names them once in the text instead of widening the column."""
-
-    def _format_action_invocation(self, action):
-        hidden = getattr(action, "hidden_aliases", ())
-        if not hidden:
-            return super()._format_action_invocation(action)
-        shown = [s for s in action.option_strings if s not in hidden and s.replace("--no-", "--") not in hidden]
-        return super()._format_action_invocation(_with_options(action, shown))
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if (action.option_strings and action.default is not None and action.default is not argparse.SUPPRESS
-                and not switch and "%(default)" not in text and "default" not in text):
-            text += " (default: %(default)s)"
-        hidden = getattr(action, "hidden_aliases", ())
-        if hidden:
-            text += f" (also: {', '.join(hidden)})"
-        return text
-
-
-def _with_options(action, option_strings):
-    clone = argparse.Action.__new__(type(action))
-    clone.__dict__.update(action.__dict__, option_strings=option_strings)
-    return clone
-
-
-def add_aliases(action: argparse.Action, *aliases: str) -> argparse.Action:
-    """Mark the option strings ``aliases`` of ``action`` as other spellings (see HelpFormatter)."""
-    action.hidden_aliases = tuple(aliases)
-    return action
-
-
-def add_progress_argument(parser: argparse.ArgumentParser) -> None:
-    """``--progress/--no-progress``, the same in every command: bars on a terminal, none in a piped log."""
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show progress bars when stderr is a terminal (never in a piped log)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,43 +56,25 @@ def run(args: argparse.Namespace) -> int:  # `info`
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    gpu_arch = None
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
-        gpu_arch = f"sm_{major}{minor}"
-        print(f"GPU: {torch.cuda.get_device_name()} ({gpu_arch})")
+        print(f"GPU: {torch.cuda.get_device_name()} (sm_{major}{minor})")
     else:
         print("GPU: none (the kernel backends need CUDA tensors; the torch backend runs everywhere)")
-    print(extension_line(backends, gpu_arch))
+    print(extension_line(backends.extension_info()))
     for line in backend_lines(backends.available()):
         print(line)
     return 0
 
 
-def extension_line(backends, gpu_arch: str | None) -> str:
-    """Whether ``regap_fast._C`` is built, for which GPU architectures, and whether this GPU is one."""
-    info_fn = getattr(backends, "extension_info", None)
-    try:
-        info = info_fn() if info_fn is not None else None
-    except Exception:  # an extension built before it recorded its architectures
-        info = None
-    if info is None:  # only whether it imports
-        try:
-            importlib.import_module("regap_fast._C")
-            return "CUDA extension regap_fast._C: built (its GPU architectures are not recorded: rebuild to see them)"
-        except ImportError as exc:
-            return f"CUDA extension regap_fast._C: not built ({exc})"
-    if not info.get("built"):
-        return f"CUDA extension regap_fast._C: not built ({info.get('reason') or 'no reason recorded'})"
-    archs = list(info.get("archs") or [])
-    line = f"CUDA extension regap_fast._C: built for {', '.join(archs) or 'unrecorded architectures'}"
-    if gpu_arch is not None and archs:
-        if info.get("gpu_supported") is not None:
-            runs = "yes" if info["gpu_supported"] else "no"
-        else:  # sm_XY runs natively; compute_XY PTX is compiled by the driver for that and every newer GPU
-            ptx = any(a.startswith("compute_") and a[8:].isdigit() and int(a[8:]) <= int(gpu_arch[3:]) for a in archs)
-            runs = "yes" if gpu_arch in archs else "yes, through PTX" if ptx else "no"
-        line += f"; this GPU ({gpu_arch}): {runs}"
+def extension_line(info: dict) -> str:
+    """``backends.extension_info()`` in one line: whether ``regap_fast._C`` is built, for which GPU
+    architectures, and whether the GPU here can run it."""
+    if not info["built"]:
+        return f"CUDA extension regap_fast._C: not built ({info['reason']})"
+    line = f"CUDA extension regap_fast._C: built for {', '.join(info['archs']) or 'unrecorded architectures'}"
+    if info["gpu"] is not None:
+        line += f"; this GPU ({info['gpu']}): {'yes' if info['gpu_supported'] else 'no'}"
     return line
 
 

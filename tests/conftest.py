@@ -1,9 +1,7 @@
 """Shared test setup (shared helpers live in tests/helpers.py).
 
 Without a GPU the Triton kernels run through the Triton interpreter on the CPU: TRITON_INTERPRET
-must be set before the kernels are compiled (imported), so it is set here, first. On a GPU the
-projector's Triton GEMMs run one fixed config (REGAP_FAST_AUTOTUNE=0): tests check results, and
-autotuning every new test shape would cost seconds each.
+must be set before the kernels are compiled (imported), so it is set here, first.
 """
 
 import os
@@ -13,7 +11,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("REGAP_FAST_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -85,6 +85,23 @@ def loss_float64(img, txt, im=None, tm=None, reduction="mean", squared=False):
     return gaps.sum() / max(int(valid.sum()), 1)
 
 
+def assert_sum_close(got, ref, mag, what, rel=1e-5):
+    """fp32 sums: |got - ref| <= rel * sum|terms| (a missed or doubled term is far larger)."""
+    err = (got.double() - ref).abs()
+    bound = rel * mag + 1e-30
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} sums off, worst "
+                           f"{(err / bound.clamp(min=1e-30)).max().item():.3g}x the bound")
+
+
+def assert_rounded_close(got, ref64, dtype, what, atol=1e-6, ulps=1.0):
+    """got (dtype) vs a float64 value: within `ulps` units in the last place of dtype (relative),
+    plus an absolute floor for values computed with cancellation in fp32 (as PyTorch computes them)."""
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), ref64, rtol=ulps * eps * 1.01, atol=atol, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
@@ -130,6 +147,51 @@ def check_projector(proj, x, ids, table, im, tm, backend, tol_out, tol_grad, squ
         assert rel_err(g, r) < tol_grad, (name, rel_err(g, r))
 
 
+# a projector step in the compute dtype against float64: (outputs and gap, gradients); the dtype's rounding
+PROJECTOR_TOL = {torch.float32: (3e-6, 3e-5), torch.float16: (2e-3, 8e-3), torch.bfloat16: (1.5e-2, 4e-2)}
+
+
+def check_projector_float64(proj, x, ids, table, im, tm, backend, tol_out, tol_grad, squared=False):
+    """The fused step in the projector's dtype against the unfused step in float64 on the same values."""
+    import copy
+
+    proj.backend = backend
+    probe = torch.randn(x.shape[0], x.shape[1], proj.out_features, device=x.device)
+    e, gap = projector_gap_loss(proj, x, ids, table, im, tm, squared=squared)
+    params = list(proj.parameters()) + [x, table]
+    grads = torch.autograd.grad((e.float() * probe).sum() + 0.7 * gap, params)
+    ref = copy.deepcopy(proj).double()
+    x64, table64 = x.detach().double().requires_grad_(True), table.detach().double().requires_grad_(True)
+    e64, gap64, loss64 = unfused_projector_step(ref, x64, ids, table64, im, tm, 0.7, probe.double(), squared)
+    grads64 = torch.autograd.grad(loss64, list(ref.parameters()) + [x64, table64])
+    assert rel_err(e, e64) < tol_out and rel_err(gap, gap64) < tol_out, (rel_err(e, e64), rel_err(gap, gap64))
+    names = [n for n, _ in proj.named_parameters()] + ["x", "embed_table"]
+    for name, g, r in zip(names, grads, grads64):
+        assert g.dtype == x.dtype and torch.isfinite(g).all(), name
+        assert rel_err(g, r) < tol_grad, (name, rel_err(g, r))
+
+
+def check_under_autocast(proj):
+    """fp32 weights, autocast to fp16: outputs in fp16, the pooled output in fp32 (the mean of the plain
+    outputs), fp32 gradients: like nn.Linear under autocast."""
+    x = torch.randn(2, 9, proj.in_features, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, pooled = proj(x, return_pooled=True)
+        plain = proj(x)
+    assert out.dtype == plain.dtype == torch.float16 and pooled.dtype == torch.float32
+    assert rel_err(out, plain) < 2e-3 and rel_err(pooled, plain.double().mean(1)) < 2e-3
+    (pooled.sum() + out.float().sum()).backward()
+    weight = next(proj.parameters())
+    assert weight.grad.dtype == torch.float32 and torch.isfinite(weight.grad).all()
+
+
+def check_float64_exact(projector_class):
+    """In float64 (the torch backend) the fused math and the unfused one agree to rounding."""
+    proj = projector_class(10, 14).to(DEVICE).double()
+    x, ids, table, im, tm = projector_inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
+    check_projector(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
+
+
 def projector_inputs(B, Ni, Nt, Dv, D, V, dtype, masks):
     x = torch.randn(B, Ni, Dv, device=DEVICE, dtype=dtype).requires_grad_(True)
     ids = torch.randint(0, V, (B, Nt), device=DEVICE)
@@ -157,6 +219,21 @@ def blip2_config(num_query_tokens=3, vision_layers=2):
                                    num_attention_heads=2, image_size=32, patch_size=16),
                 qformer_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                                     cross_attention_frequency=1, encoder_hidden_size=24))
+
+
+def tiny_blip2_generation(text_config=TINY_TEXT, vocab=None):
+    """A tiny Blip2ForConditionalGeneration (eval mode) with distinguishable query tokens."""
+    from transformers import AutoConfig, Blip2Config, Blip2ForConditionalGeneration
+
+    b = blip2_config()
+    t = dict(text_config, vocab_size=vocab or 64)
+    cfg = Blip2Config(vision_config=b["vision_config"], qformer_config=b["qformer_config"],
+                      text_config=AutoConfig.for_model(t.pop("model_type"), **t).to_dict(),
+                      num_query_tokens=b["num_query_tokens"])
+    model = Blip2ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # transformers zeroes the query tokens at init; make them tell apart
+        model.query_tokens.normal_(std=0.5)
+    return model
 
 
 def images(n, seed=0, size=(40, 48)):

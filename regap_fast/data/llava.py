@@ -28,10 +28,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLAIN_SEPARATOR
+from ..core import caption_mask
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of every token that is not part of an answer (what torch's cross entropy skips)
-IMAGE_PLACEHOLDER = "<image>"  # where the image goes in the LLaVA data format
 # Vicuna v1's system prompt and conversation format, as LLaVA-1.5 uses them:
 # "<system> USER: <image>\n... ASSISTANT: answer</s>"
 VICUNA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -234,9 +235,8 @@ def open_image(path: Path) -> Image.Image:
 
 
 # LLaVA's stage-1 template (conversation.py ``conv_llava_plain``, train.py ``preprocess_plain``): the
-# tokenizer's BOS, the image, the caption, then the template's separator; the question is dropped, the
-# labels cover the caption and the separator, and no end-of-sequence token is added.
-PLAIN_SEPARATOR = "\n"
+# tokenizer's BOS, the image, the caption, then the template's separator (PLAIN_SEPARATOR); the question
+# is dropped, the labels cover the caption and the separator, and no end-of-sequence token is added.
 
 
 class Segment(NamedTuple):
@@ -272,10 +272,10 @@ class Encoder:
     The image is ``num_image_tokens`` slots (filled with the pad id; the model writes the projector
     outputs there); their labels are ``IGNORE_INDEX``, as are the prompt's.
 
-    Caption tokens (REGAP's text side, ``caption_mask``), defined here only: the tokens of an
-    answer's own text. Not the image slots, not the prompt, not a special token (BOS, EOS), not the
-    plain format's separator. An answer and its separator are tokenised together (as LLaVA does);
-    the caption tokens are the leading ones that equal the caption tokenised alone, so a token that
+    Caption tokens (REGAP's text side, ``caption_mask``) follow ``regap_fast.core.caption_mask``: the
+    labelled tokens that are not special (BOS, EOS, ...), within the answer's own text: not the plain
+    format's separator. An answer and its separator are tokenised together (as LLaVA does); the
+    answer's text is the leading tokens that equal the caption tokenised alone, so a token that
     merges the caption's last characters with the separator does not count either.
     """
 
@@ -292,7 +292,7 @@ class Encoder:
         self.image_wrap = image_wrap  # text around the image slots (MiniGPT-4: "<Img>", "</Img>")
         self.plain_end = plain_end if plain_end is not None else (tokenizer.eos_token or "")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.special_ids = set(tokenizer.all_special_ids)
+        self.special_ids = sorted(set(tokenizer.all_special_ids))
 
     # -- text pieces ------------------------------------------------------------------------------
 
@@ -300,11 +300,12 @@ class Encoder:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     @staticmethod
-    def _extend(out: dict, ids: list[int], labels: list[int], image: bool, caption: list[bool]) -> None:
+    def _extend(out: dict, ids: list[int], labels: list[int], image: bool, text: list[bool]) -> None:
+        """``text``: which of ``ids`` are an answer's own text (caption tokens if labelled and not special)."""
         out["input_ids"] += ids
         out["labels"] += labels
         out["image_mask"] += [image] * len(ids)
-        out["caption_mask"] += caption
+        out["caption_mask"] += text
 
     def _append_image(self, out: dict) -> None:
         before, after = self.image_wrap
@@ -317,8 +318,7 @@ class Encoder:
         ids = self._ids(seg.text + seg.tail)
         n_caption = common_prefix_length(ids, self._ids(seg.text)) if seg.tail else len(ids)
         labels = list(ids) if seg.answer else [IGNORE_INDEX] * len(ids)
-        caption = [seg.answer and k < n_caption and t not in self.special_ids for k, t in enumerate(ids)]
-        self._extend(out, ids, labels, False, caption)
+        self._extend(out, ids, labels, False, [k < n_caption for k in range(len(ids))])
 
     def _append(self, out: dict, seg: Segment) -> None:
         """Tokenise one segment; the placeholder becomes the image slots."""
@@ -362,6 +362,9 @@ class Encoder:
             self._extend(out, [self.tokenizer.bos_token_id], [IGNORE_INDEX], False, [False])
         for seg in segments:
             self._append(out, seg)
+        ids, labels = (torch.tensor([out[k]], dtype=torch.long) for k in ("input_ids", "labels"))
+        text = torch.tensor([out["caption_mask"]], dtype=torch.bool)
+        out["caption_mask"] = caption_mask(ids, labels, self.special_ids, within=text)[0].tolist()
         return out
 
     def encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:

@@ -12,6 +12,9 @@ The per-sample gap is the quantity REGAP trains on, computed by the same op
 * the same at every LM layer from the hidden states (layer 0 = the input embeddings, so its gap is
   the input gap above; as transformers returns them, the last one is after the LM's final norm):
   image-token positions against caption-token positions.
+
+MODEL is one of the library's own model (or run) folders, or a transformers VLM folder with its processor
+(``hf_gap``: the model's own processor and chat template, the record's question as the user turn).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, load_vlm,
-                   show_progress)
+from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, device_and_dtype,
+                   load_vlm, show_progress)
+from .hf_gap import GapInputs
 from .stats import summarize
 
 GAP_JSON, GAP_PNG, GAP_SAMPLES = "gap.json", "gap.png", "gap_samples.csv"
@@ -33,10 +38,12 @@ GAP_JSON, GAP_PNG, GAP_SAMPLES = "gap.json", "gap.png", "gap_samples.csv"
 
 @dataclass(frozen=True)
 class Pair:
-    """An image (a path or a PIL image) and its caption."""
+    """An image (a path or a PIL image), its caption, and the question asked about it (the record's human
+    turn without the placeholder; a transformers VLM's user turn, unused by the library's own models)."""
     id: str
     image: object
     caption: str
+    prompt: str = ""
 
 
 def load_pairs(path, images=None, limit: int | None = None) -> list[Pair]:
@@ -47,6 +54,7 @@ def load_pairs(path, images=None, limit: int | None = None) -> list[Pair]:
     to (default: the JSON's folder). The caption is the first answer turn. Malformed records, records
     without an image and records whose image file is missing are skipped with a warning.
     """
+    from regap_fast.constants import IMAGE_PLACEHOLDER
     from regap_fast.data.llava import ROLES, load_records
 
     path = Path(path)
@@ -66,7 +74,8 @@ def load_pairs(path, images=None, limit: int | None = None) -> list[Pair]:
             missing.append(str(image))
             continue
         caption = next(t["value"] for t in rec["conversations"] if ROLES[t["from"]] == "assistant")
-        pairs.append(Pair(rec["id"], image, caption.strip()))
+        question = next((t["value"] for t in rec["conversations"] if ROLES[t["from"]] == "user"), "")
+        pairs.append(Pair(rec["id"], image, caption.strip(), question.replace(IMAGE_PLACEHOLDER, "").strip()))
         if limit is not None and len(pairs) >= limit:
             break
     if text_only:
@@ -122,55 +131,81 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
                 bins: int = 30) -> dict:
     """The modality gap of ``vlm`` over ``pairs`` (``Pair`` or ``(image, caption)``; image: path or PIL).
 
-    Returns ``{"n_pairs", "n_skipped", "gap": {mean, std, min, max, quantiles, histogram},
-    "centroid_distance", "centroid_cosine", "pair_cosine_mean", "per_layer": [{"layer", "gap_mean",
-    "gap_std", "centroid_distance", "centroid_cosine", "pair_cosine_mean"}, ...] (None without
-    per_layer), "samples": [{"id", "gap"}, ...]}``. A pair whose image cannot be read, or with no
-    image or caption token, is skipped and counted in ``n_skipped``.
+    ``vlm``: the library's ``VisionLanguageModel`` or an ``hf_gap.TransformersVLM``. Returns ``{"n_pairs",
+    "n_skipped", "gap": {mean, std, min, max, quantiles, histogram}, "centroid_distance", "centroid_cosine",
+    "pair_cosine_mean", "per_layer": [{"layer", "gap_mean", "gap_std", "centroid_distance",
+    "centroid_cosine", "pair_cosine_mean"}, ...] (None without per_layer), "samples": [{"id", "gap"}, ...]}``.
+    A pair whose image cannot be read, or with no image or caption token, is skipped and counted in
+    ``n_skipped``.
     """
     import torch
     from tqdm.auto import tqdm
-
-    from regap_fast import fused_gap_loss, masked_mean
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pairs = [p if isinstance(p, Pair) else Pair(str(i), p[0], p[1]) for i, p in enumerate(pairs)]
     if not pairs:
         raise ValueError("no pairs to measure")
-    inputs, layers, samples, skipped = _Centroids(), None, [], 0
+    inputs, layers, samples, skipped = _Centroids(), [], [], 0
     bar = tqdm(total=len(pairs), desc="gap", unit="pair", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
-        batch, images = [], []
-        for p in pairs[start:start + batch_size]:
-            try:
-                images.append(_open(p.image))
-                batch.append(p)
-            except OSError as e:
-                warnings.warn(f"pair {p.id}: image unreadable, skipped ({e})", stacklevel=2)
-                skipped += 1
-        bar.update(len(pairs[start:start + batch_size]))
+        chunk = pairs[start:start + batch_size]
+        batch, images = _readable(chunk)
+        skipped += len(chunk) - len(batch)
+        bar.update(len(chunk))
         if not batch:
             continue
         with torch.inference_mode():
-            out = vlm.pair_embeddings(images, [p.caption for p in batch], output_hidden_states=per_layer)
-            image_embeds, text_embeds = out["image_embeds"], out["text_embeds"]
-            text_mask = out["text_mask"]  # every image token counts
-            gaps = fused_gap_loss(image_embeds, text_embeds, None, text_mask, reduction="none")
-            valid = text_mask.any(1).cpu()
-            inputs.add(masked_mean(image_embeds), masked_mean(text_embeds, text_mask), gaps.cpu(), valid)
-            if per_layer:
-                hidden = out["hidden_states"]
-                layers = layers or [_Centroids() for _ in hidden]
-                where_image, where_caption = out["image_mask"], out["caption_mask"]
-                for acc, h in zip(layers, hidden):  # the same op, on one tensor with two position masks
-                    g = fused_gap_loss(h, h, where_image, where_caption, reduction="none")
-                    acc.add(masked_mean(h, where_image), masked_mean(h, where_caption), g.cpu(), valid)
+            x = _gap_inputs(vlm, batch, images, per_layer)
+            layers = layers or [_Centroids() for _ in x.hidden or ()]
+            gaps, valid = _measure_batch(x, inputs, layers)
         skipped += int((~valid).sum())
-        samples += [{"id": p.id, "gap": float(g)} for p, g, ok in zip(batch, gaps.cpu(), valid) if ok]
+        samples += [{"id": p.id, "gap": float(g)} for p, g, ok in zip(batch, gaps, valid) if ok]
     bar.close()
     if not samples:
         raise ValueError("no pair could be measured (no readable image with image and caption tokens)")
+    return _summary(inputs, layers if per_layer else None, samples, skipped, bins)
+
+
+def _readable(pairs: Sequence[Pair]) -> tuple[list[Pair], list]:
+    """The pairs whose image opens, and their images (an unreadable one is skipped with a warning)."""
+    batch, images = [], []
+    for p in pairs:
+        try:
+            images.append(_open(p.image))
+            batch.append(p)
+        except OSError as e:
+            warnings.warn(f"pair {p.id}: image unreadable, skipped ({e})", stacklevel=3)
+    return batch, images
+
+
+def _gap_inputs(vlm, batch: Sequence[Pair], images: list, per_layer: bool) -> GapInputs:
+    captions = [p.caption for p in batch]
+    if hasattr(vlm, "gap_inputs"):  # a transformers VLM: its chat template, the record's question
+        return vlm.gap_inputs(images, captions, [p.prompt for p in batch], per_layer)
+    out = vlm.pair_embeddings(images, captions, output_hidden_states=per_layer)  # the stage-1 input
+    # every image token counts; text_mask marks the valid rows of text_embeds, the others sequence positions
+    return GapInputs(out["image_embeds"], out["text_embeds"], None, out["text_mask"], out.get("hidden_states"),
+                     out["image_mask"], out["caption_mask"])
+
+
+def _measure_batch(x: GapInputs, inputs: "_Centroids", layers: list) -> tuple:
+    """The per-pair input gaps and which pairs count, accumulated with every layer's into the centroids."""
+    from ..core import gap_samples, modality_gap
+    from ..ops import masked_mean
+
+    gaps = modality_gap(x.image, x.caption, x.image_mask, x.caption_mask, reduction="none").cpu()
+    valid = gap_samples(x.image_mask, x.caption_mask).cpu()
+    inputs.add(masked_mean(x.image, x.image_mask), masked_mean(x.caption, x.caption_mask), gaps, valid)
+    for acc, h in zip(layers, x.hidden or ()):  # the same op, on one tensor with two position masks
+        g = modality_gap(h, h, x.hidden_image_mask, x.hidden_caption_mask, reduction="none")
+        acc.add(masked_mean(h, x.hidden_image_mask), masked_mean(h, x.hidden_caption_mask), g.cpu(), valid)
+    return gaps, valid
+
+
+def _summary(inputs: "_Centroids", layers: Optional[list], samples: list, skipped: int, bins: int) -> dict:
+    import torch
+
     result = {"definition": "per pair: || mean image token - mean caption token ||_2 at the LLM input "
                             "(regap_fast.fused_gap_loss, reduction='none')",
               "n_pairs": len(samples), "n_skipped": skipped, "gap": summarize([s["gap"] for s in samples], bins=bins),
@@ -225,13 +260,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer gaps (less memory)")
     add_progress_argument(parser)
     add_model_arguments(parser)
+    parser.epilog = ("MODEL may also be a transformers vision-language model folder with its processor (any\n"
+                     "family of docs/integrations.md): each pair then goes through the model's own processor\n"
+                     "and chat template, the record's question as the user turn, the caption as the answer.")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     pairs = load_pairs(args.data, args.image_folder, args.limit)  # bad inputs fail here, before the model loads
-    vlm, _, _ = load_vlm(args)
+    vlm = _load(args)
     result = measure_gap(vlm, pairs, batch_size=args.batch_size, per_layer=not args.no_per_layer,
                          progress=show_progress(args))
     result["model"] = str(Path(args.model).resolve())
@@ -240,3 +278,13 @@ def run(args: argparse.Namespace) -> int:
     print(format_gap(result))
     print(f"wrote {Path(args.out) / GAP_JSON}, {GAP_PNG}, {GAP_SAMPLES}")
     return 0
+
+
+def _load(args: argparse.Namespace):
+    """A transformers VLM folder with its processor, else what ``load_model`` reads (the library's own)."""
+    from .hf_gap import TransformersVLM, is_transformers_folder
+
+    if is_transformers_folder(args.model):
+        return TransformersVLM.from_folder(args.model, *device_and_dtype(args))
+    vlm, _, _ = load_vlm(args)
+    return vlm

@@ -1,31 +1,37 @@
-"""REGAP on a transformers model that you train with your own script, ``Trainer`` or TRL.
+"""REGAP on a transformers vision-language model that you train with your own script, ``Trainer`` or TRL.
 
-    model = LlavaForConditionalGeneration.from_pretrained(...)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(...)
     regap_fast.apply_regap(model, regap_weight=0.1)
     out = model(**batch)          # out.loss = lm_loss + 0.1 * gap; out.regap_gap, out.lm_loss
 
-``apply_regap`` patches one instance (other instances and the classes stay vanilla):
+Any ``*ForConditionalGeneration`` that writes its image features into the text embeddings at image
+placeholder tokens (config ``image_token_id`` / ``image_token_index``) is covered; docs/integrations.md
+lists the families tested. The gap is taken where the paper defines it, at the language model's input:
 
-* the projector (``multi_modal_projector`` / ``language_projection``) becomes a ``FusedLlavaProjector``
-  / ``FusedLinearProjector`` built around the *same* ``nn.Linear`` modules / parameters (same dtype,
-  device, requires_grad, same state-dict keys), so ``save_pretrained`` writes a vanilla checkpoint;
-* the instance's ``forward`` is wrapped: with ``labels``, ``pixel_values`` and a weight > 0 the
-  projector also hands back its pooled output (no extra pass over the image tokens) and the loss
-  gains ``regap_weight * gap``; otherwise the wrapped forward is called untouched (bitwise vanilla).
+* the image side is the ``inputs_embeds`` the language model receives, at the image placeholders (and
+  the video placeholders, unless ``include_video=False``): unpadded crops, newline tokens, pixel-shuffle
+  connectors and scaled embeddings count as the LLM sees them. A forward pre-hook on the language
+  model reads them; it is installed only for a forward that computes REGAP.
+* the caption side is the same tensor at the caption tokens: ``regap_fast.core.caption_mask`` (label
+  != -100, not an image, video or special token: every token id the config names, plus
+  ``special_token_ids``). A batch may carry ``caption_mask`` (bool, shaped like ``input_ids``) instead;
+  it is used as given and never reaches the wrapped forward.
 
-Caption tokens — the text side of the gap — are defined once, in ``caption_tokens``, as the library's
-own data pipeline defines them (``regap_fast.data.llava.Encoder``: the answer's own text tokens at
-the LLM input). From an HF batch that is: positions whose label is not ``-100``, minus image tokens
-and special tokens (BOS, EOS, PAD and the image placeholder from the model's config, plus any
-``special_token_ids`` you pass, e.g. ``tokenizer.all_special_ids`` or an end-of-turn separator that
-your labels cover). A batch may instead carry ``caption_mask`` (bool, shaped like ``input_ids``),
-which is used as given and never reaches the wrapped forward. The image side of a sample is the
-mean over all its image tokens (several images per sample count together).
+LLaVA-1.5, BLIP-2 and InstructBLIP (decoder-only LM with a plain embedding table) get the fast path
+(``fuse_projector``): the projector becomes a ``FusedLlavaProjector`` / ``FusedLinearProjector`` built
+around the *same* ``nn.Linear`` modules (same parameters and state-dict keys, so ``save_pretrained``
+writes a vanilla checkpoint), which hands REGAP the pooled image side from its GEMM epilogue; the
+caption side is pooled from the token ids. Same loss and gradients as the generic path.
+
+Only the patched instance changes. A forward without labels, without images or with weight 0 calls the
+wrapped forward untouched (bitwise vanilla).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -35,49 +41,82 @@ import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ..data.llava import IGNORE_INDEX
-from ..ops import pooled_text_embeddings
+from ..constants import IGNORE_INDEX
+from ..core import RegapError, caption_mask, check_labels, gap_samples, modality_gap
 from ..projector import FusedLinearProjector, FusedLlavaProjector
-from ..reference import gap_from_means
 
-# model class -> (kind of projector, where the projector may sit: transformers 5 nests LLaVA's
-# under .model, 4.x kept it on the top-level module)
-SUPPORTED = {
+# the fast path: model class -> (kind of projector, where it may sit: transformers 5 nests LLaVA's under .model)
+FUSABLE = {
     "LlavaForConditionalGeneration": ("mlp2x_gelu", ("model.multi_modal_projector", "multi_modal_projector")),
     "Blip2ForConditionalGeneration": ("linear", ("language_projection", "model.language_projection")),
     "InstructBlipForConditionalGeneration": ("linear", ("language_projection", "model.language_projection")),
 }
-NOT_YET = {
-    "LlavaNextForConditionalGeneration": "its image tokens are unpadded crops plus newline embeddings, so the "
-                                         "projector's pooled output is not the mean of what the LLM sees",
-    "LlavaOnevisionForConditionalGeneration": "same reason as LLaVA-NeXT (unpadded crops plus newline tokens)",
-}
-
-
-class RegapError(ValueError):
-    """A model or batch that apply_regap cannot handle; the message says why and what to do."""
+TOKEN_ID_NAMES = ("_token_id", "_token_index", "_token_ids")  # config entries that hold token ids
 
 
 # --------------------------------------------------------------------------------------------------
-# the caption tokens: the one definition
+# what a model must be
 # --------------------------------------------------------------------------------------------------
 
 
-def caption_tokens(input_ids: Tensor, labels: Tensor, special_ids: Tensor) -> Tensor:
-    """``[B, N]`` bool: the answer's text tokens (label != -100, not an image or special token)."""
-    return (labels != IGNORE_INDEX) & ~torch.isin(input_ids, special_ids.to(input_ids.device))
+def check_supported(model: nn.Module) -> None:
+    """One RegapError saying why, for a model whose LLM input has no continuous image tokens to find."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(model, "get_image_features", None)):
+        raise RegapError(f"apply_regap needs a transformers vision-language model (a *ForConditionalGeneration with "
+                         f"get_image_features); got {name}")
+    if hasattr(model, "vqmodel") or hasattr(model.base_model, "vqmodel"):
+        raise RegapError(f"{name} is not supported: its images enter the LLM as discrete VQ token ids of the text "
+                         "vocabulary, so there is no image embedding for REGAP to pull toward the captions")
+    if getattr(config, "is_encoder_decoder", False) or not getattr(config, "use_decoder_only_language_model", True):
+        raise RegapError(f"{name} has an encoder-decoder language model (e.g. T5), whose captions are decoder labels, "
+                         "not tokens beside the image tokens at the LLM input: use a decoder-only LM (OPT, LLaMA, ...)")
+    if _config_id(config, "image_token_id", "image_token_index") is None:
+        raise RegapError(f"{name}'s config has no image_token_id: REGAP finds the image tokens at their placeholders")
+    decoder = _decoder(model)
+    if "inputs_embeds" not in inspect.signature(decoder.forward).parameters:
+        raise RegapError(f"cannot find {name}'s language model (get_decoder() gives {type(decoder).__name__}, "
+                         "which takes no inputs_embeds)")
+
+
+def _config_id(config, *names: str) -> Optional[int]:
+    for n in names:
+        value = getattr(config, n, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The text transformer whose ``inputs_embeds`` are the LLM's input: ``get_decoder()`` down to the innermost."""
+    module = model
+    while callable(getattr(module, "get_decoder", None)):
+        inner = module.get_decoder()
+        if inner is None or inner is module:
+            break
+        module = inner
+    return module
+
+
+def placeholder_ids(model: nn.Module, include_video: bool = True) -> list[int]:
+    """The ids of the image placeholders (and the video placeholders) in the model's input_ids."""
+    ids = [_config_id(model.config, "image_token_id", "image_token_index")]
+    if include_video:
+        ids.append(_config_id(model.config, "video_token_id", "video_token_index"))
+    return [i for i in ids if i is not None]
 
 
 def special_ids_of(model: nn.Module, extra: Iterable[int] = ()) -> list[int]:
-    """BOS/EOS/PAD/image-token ids from the model's config (and text config, generation config)."""
+    """Every token id the model's config, text config and generation config name (BOS, EOS, PAD, image and
+    video placeholders, image start/end markers, ...), plus ``extra``: never caption tokens."""
     found = set(int(i) for i in extra)
     configs = [model.config, getattr(model.config, "text_config", None), getattr(model, "generation_config", None)]
     for cfg in filter(None, configs):
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id", "image_token_index"):
-            value = getattr(cfg, name, None)
-            for i in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(i, int) and i >= 0:
-                    found.add(i)
+        for name, value in vars(cfg).items():
+            if name.endswith(TOKEN_ID_NAMES):
+                found.update(i for i in (value if isinstance(value, (list, tuple)) else [value])
+                             if isinstance(i, int) and i >= 0)
     return sorted(found)
 
 
@@ -94,14 +133,23 @@ class RegapState:
     squared: bool
     backend: str
     special_ids: Tensor
-    image_token_id: int
-    projector: nn.Module
-    original_projector: nn.Module
-    projector_path: str
-    inner_forward: Optional[Callable]  # the function the patched forward wraps (unbound)
+    image_ids: Tensor  # the placeholders whose embeddings are the image side
+    include_video: bool
+    inner_forward: Optional[Callable] = None  # the function the patched forward wraps (unbound)
+    fused: Optional[nn.Module] = None  # the fast path's projector, when it applies
+    original_projector: Optional[nn.Module] = None
+    projector_path: str = ""
+    capturing: bool = False  # a REGAP forward is running (an outer wrapper on top steps aside)
     last_regap_term: Optional[Tensor] = field(default=None, repr=False)  # for trainers that build their own loss
     gap_sum: Optional[Tensor] = field(default=None, repr=False)  # detached, since the last log
     gap_steps: int = 0
+
+    def __deepcopy__(self, memo):
+        """A copy of the model gets copies of the settings and modules, not the last forward's graph."""
+        clone = memo[id(self)] = copy.copy(self)
+        for name, value in vars(self).items():
+            setattr(clone, name, None if name == "last_regap_term" else copy.deepcopy(value, memo))
+        return clone
 
     def record(self, gap: Tensor) -> None:
         g = gap.detach().float()
@@ -121,9 +169,14 @@ class RegapState:
         return float(total[0] / total[1]) if total[1] > 0 else None
 
 
+# --------------------------------------------------------------------------------------------------
+# the fast path: the fused projector
+# --------------------------------------------------------------------------------------------------
+
+
 class _PooledCapture:
-    """Projector mixin: while ``capture`` is a list, a plain call also appends (pooled output, tokens per
-    image) to it, so that the model's own forward, run unchanged, hands REGAP the pooled image side."""
+    """Projector mixin: while ``capture`` is a list, a plain call also appends its pooled output (one mean
+    per image) to it, so that the model's own forward, run unchanged, hands REGAP the pooled image side."""
 
     capture: Optional[list] = None
 
@@ -131,7 +184,7 @@ class _PooledCapture:
         if self.capture is None or return_pooled:
             return super().forward(x, image_mask, return_pooled)
         out, pooled = super().forward(x, image_mask, return_pooled=True)
-        self.capture.append((pooled, x.shape[1]))
+        self.capture.append(pooled)
         return out
 
 
@@ -143,31 +196,29 @@ class _CapturingLinearProjector(_PooledCapture, FusedLinearProjector):
     pass
 
 
-# --------------------------------------------------------------------------------------------------
-# finding and swapping the projector
-# --------------------------------------------------------------------------------------------------
+def _fused_projector(model: nn.Module, backend: str) -> tuple[str, nn.Module, nn.Module]:
+    """(path, the model's projector, a fused one around its own layers); RegapError where none applies."""
+    kind, paths = next((FUSABLE[c.__name__] for c in type(model).__mro__ if c.__name__ in FUSABLE),
+                       (None, ()))
+    if kind is None:
+        raise RegapError(f"the fused projector exists for {', '.join(FUSABLE)}; {type(model).__name__} takes the "
+                         "generic path (fuse_projector=None or False)")
+    if type(model.get_input_embeddings()) is not nn.Embedding:
+        raise RegapError(f"the fused projector needs a plain nn.Embedding input table (the caption side is pooled from "
+                         f"its rows), got {type(model.get_input_embeddings()).__name__}")
+    path = next((p for p in paths if isinstance(_get(model, p), nn.Module)), None)
+    if path is None:
+        raise RegapError(f"{type(model).__name__} has no projector at {' or '.join(paths)}")
+    old = model.get_submodule(path)
+    fused = _fused_llava(old, model.config, backend) if kind == "mlp2x_gelu" else _fused_linear(old, backend)
+    return path, old, fused
 
 
-def _model_kind(model: nn.Module) -> tuple[str, tuple[str, ...]]:
-    names = [c.__name__ for c in type(model).__mro__]
-    for name in names:
-        if name in SUPPORTED:
-            return SUPPORTED[name]
-        if name in NOT_YET:
-            raise RegapError(f"apply_regap does not support {name} yet: {NOT_YET[name]}")
-    raise RegapError(f"apply_regap supports {', '.join(SUPPORTED)}; got {type(model).__name__}")
-
-
-def _locate(model: nn.Module, paths: tuple[str, ...]) -> str:
-    for path in paths:
-        parent_path, _, attr = path.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_path)
-        except AttributeError:
-            continue
-        if isinstance(getattr(parent, attr, None), nn.Module):
-            return path
-    raise RegapError(f"{type(model).__name__} has no projector at {' or '.join(paths)}")
+def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _fused_llava(old: nn.Module, config, backend: str) -> FusedLlavaProjector:
@@ -182,8 +233,8 @@ def _fused_llava(old: nn.Module, config, backend: str) -> FusedLlavaProjector:
             or not exact_gelu or l1.out_features != l2.in_features or l2.in_features != l2.out_features
             or (l1.bias is None) != (l2.bias is None)):
         raise RegapError(f"unrecognised projector {type(old).__name__} (children {list(children)}, "
-                         f"projector_hidden_act={getattr(config, 'projector_hidden_act', None)!r}): apply_regap "
-                         "fuses LLaVA-1.5's Linear -> GELU (exact) -> Linear only")
+                         f"projector_hidden_act={getattr(config, 'projector_hidden_act', None)!r}): the fused "
+                         "projector is LLaVA-1.5's Linear -> GELU (exact) -> Linear only")
     with torch.device("meta"):  # shell only: the real layers are moved in below
         fused = _CapturingLlavaProjector(l1.in_features, l1.out_features, bias=l1.bias is not None, backend=backend)
     fused.linear_1, fused.linear_2 = l1, l2
@@ -193,7 +244,7 @@ def _fused_llava(old: nn.Module, config, backend: str) -> FusedLlavaProjector:
 def _fused_linear(old: nn.Module, backend: str) -> FusedLinearProjector:
     """A FusedLinearProjector holding ``old``'s own weight and bias (BLIP-2's language_projection)."""
     if type(old) is not nn.Linear:
-        raise RegapError(f"unrecognised projector {type(old).__name__}: apply_regap expects BLIP-2's "
+        raise RegapError(f"unrecognised projector {type(old).__name__}: the fused projector expects BLIP-2's "
                          "language_projection to be one nn.Linear")
     with torch.device("meta"):
         fused = _CapturingLinearProjector(old.in_features, old.out_features, bias=old.bias is not None,
@@ -207,51 +258,69 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), attr, module)
 
 
+def _restore_projector(model: nn.Module, state: RegapState) -> None:
+    """The model's own projector back in place, holding the current weights."""
+    old, fused = state.original_projector, state.fused
+    if isinstance(fused, FusedLlavaProjector):
+        old.linear_1, old.linear_2 = fused.linear_1, fused.linear_2
+    else:
+        old.weight, old.bias = fused.weight, fused.bias
+    _set(model, state.projector_path, old.train(fused.training))
+    state.fused = state.original_projector = None
+
+
+def _choose_projector(model: nn.Module, state: RegapState, fuse_projector: Optional[bool]) -> None:
+    """Install the fused projector where it applies (``fuse_projector`` None), must (True), or never (False)."""
+    if state.fused is not None:
+        if fuse_projector is False:
+            _restore_projector(model, state)
+        else:
+            state.fused.backend = state.backend
+        return
+    if fuse_projector is False:
+        return
+    try:
+        path, old, fused = _fused_projector(model, state.backend)
+    except RegapError:
+        if fuse_projector:
+            raise
+        return  # the generic path: same loss, without the fused epilogue
+    _set(model, path, fused)
+    state.fused, state.original_projector, state.projector_path = fused, old, path
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
 
 
 def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = False, backend: str = "auto",
-                special_token_ids: Iterable[int] = ()) -> nn.Module:
+                special_token_ids: Iterable[int] = (), include_video: bool = True,
+                fuse_projector: Optional[bool] = None) -> nn.Module:
     """Add REGAP to ``model`` (in place; returned for chaining). See the module docstring.
 
-    ``special_token_ids``: ids never counted as caption tokens, on top of the config's BOS/EOS/PAD
-    and image token (pass ``tokenizer.all_special_ids`` for chat templates with extra markers).
-    Applying again to a patched model updates the weight, ``squared``, backend and special ids.
+    ``special_token_ids``: ids never counted as caption tokens, on top of every token id the config names
+    (pass ``tokenizer.all_special_ids`` for chat templates with extra markers, e.g. an end-of-turn token
+    your labels cover). ``include_video``: video placeholders count as image tokens. ``fuse_projector``:
+    the fused projector where it applies (None), required (True: RegapError where it cannot), or never
+    (False: the model's modules stay as they are). Applying again updates every setting.
     """
-    if not isinstance(regap_weight, (int, float)) or regap_weight < 0:
+    if isinstance(regap_weight, bool) or not isinstance(regap_weight, (int, float)) or regap_weight < 0:
         raise RegapError(f"regap_weight must be a number >= 0, got {regap_weight!r}")
     from ..backends import BACKENDS
     if backend not in BACKENDS:
         raise RegapError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    kind, paths = _model_kind(model)
-    config = model.config
-    if kind == "linear" and not getattr(config, "use_decoder_only_language_model", True):
-        raise RegapError("apply_regap supports BLIP-2/InstructBLIP with a decoder-only language model (OPT, "
-                         "LLaMA, Vicuna); this one is encoder-decoder (T5), whose captions are decoder labels")
-    image_token_id = getattr(config, "image_token_id", None)
-    if image_token_id is None:
-        image_token_id = getattr(config, "image_token_index", None)
-    if image_token_id is None:
-        raise RegapError(f"{type(model).__name__}'s config has no image_token_id: REGAP needs the image "
-                         "placeholders in input_ids to tell which sample each image belongs to")
-    specials = torch.tensor(special_ids_of(model, special_token_ids), dtype=torch.long)
-
+    check_supported(model)
+    settings = dict(weight=float(regap_weight), squared=squared, backend=backend, include_video=include_video,
+                    special_ids=torch.tensor(special_ids_of(model, special_token_ids), dtype=torch.long),
+                    image_ids=torch.tensor(placeholder_ids(model, include_video), dtype=torch.long))
     state: Optional[RegapState] = model.__dict__.get("_regap")
-    if state is not None:  # already patched: new settings, same projector
-        state.weight, state.squared, state.backend, state.special_ids = float(regap_weight), squared, backend, specials
-        state.projector.backend = backend
-        _wrap_outermost(model, state)
-        return model
-
-    path = _locate(model, paths)
-    old = model.get_submodule(path)
-    fused = _fused_llava(old, config, backend) if kind == "mlp2x_gelu" else _fused_linear(old, backend)
-    _set(model, path, fused)
-    model._regap = RegapState(float(regap_weight), squared, backend, specials, int(image_token_id), fused, old,
-                              path, inner_forward=None)
-    _wrap_outermost(model, model._regap)
+    if state is None:
+        state = model._regap = RegapState(**settings)
+    else:
+        state.__dict__.update(settings)
+    _choose_projector(model, state, fuse_projector)
+    _wrap_outermost(model, state)
     return model
 
 
@@ -270,12 +339,8 @@ def remove_regap(model: nn.Module) -> nn.Module:
     state: Optional[RegapState] = model.__dict__.pop("_regap", None)
     if state is None:
         raise RegapError("remove_regap: this model was not patched by apply_regap")
-    old, fused = state.original_projector, state.projector
-    if isinstance(fused, FusedLlavaProjector):
-        old.linear_1, old.linear_2 = fused.linear_1, fused.linear_2
-    else:
-        old.weight, old.bias = fused.weight, fused.bias
-    _set(model, state.projector_path, old.train(fused.training))
+    if state.fused is not None:
+        _restore_projector(model, state)
     if state.inner_forward is type(model).forward:
         del model.forward
     else:
@@ -303,7 +368,6 @@ def regap_state(model: nn.Module) -> Optional[RegapState]:
 
 
 def _wrap_forward(inner: Callable) -> Callable:
-    import inspect
     names = list(inspect.signature(inner).parameters)[1:]  # positional order after self
 
     @functools.wraps(inner)  # Trainer and TRL read the signature to keep batch columns
@@ -313,28 +377,18 @@ def _wrap_forward(inner: Callable) -> Callable:
             return inner(self, *args, **kwargs)
         given_caption = kwargs.pop("caption_mask", None)  # a batch may spell its caption tokens out
         named = dict(zip(names, args), **kwargs)
-        labels, pixel_values = named.get("labels"), named.get("pixel_values")
         # an outer REGAP wrapper (applied again on top of someone else's patch) already collects this forward
-        if labels is None or pixel_values is None or state.weight == 0 or state.projector.capture is not None:
+        if state.capturing or not _computes_regap(state, named):
             return inner(self, *args, **kwargs)
-        input_ids = named.get("input_ids")
-        if input_ids is None:
-            raise RegapError("REGAP needs input_ids with the labels (to find the caption tokens); "
-                             "this batch has inputs_embeds only")
-        if labels.shape != input_ids.shape:
-            raise RegapError(f"labels {tuple(labels.shape)} must align with input_ids {tuple(input_ids.shape)} "
-                             "(one label per input token, -100 where there is no answer)")
-        if named.get("image_sizes") is not None or named.get("mm_encoder_outputs") is not None:
-            raise RegapError("REGAP needs the projector to run on whole images in this forward: "
-                             "image_sizes (Pixtral-style) and precomputed mm_encoder_outputs are not supported")
-        state.projector.capture = []
+        input_ids, labels = _ids_and_labels(named)
+        fast = _fast_path_applies(state, named)
+        state.capturing = True
         try:
-            out = inner(self, *args, **kwargs)
+            with _PooledOutputs(state.fused) if fast else LanguageModelInputs(self) as seen:
+                out = inner(self, *args, **kwargs)
         finally:
-            pooled, state.projector.capture = state.projector.capture, None
-        if len(pooled) != 1:
-            raise RegapError(f"the projector ran {len(pooled)} times in one forward; REGAP expects once")
-        gap = _batch_gap(self, state, *pooled[0], input_ids, labels, given_caption)
+            state.capturing = False
+        gap = _batch_gap(self, state, seen, fast, input_ids, labels, given_caption)
         if self.training:
             state.record(gap)
         state.last_regap_term = state.weight * gap * _loss_share(labels, named.get("num_items_in_batch"))
@@ -342,6 +396,116 @@ def _wrap_forward(inner: Callable) -> Callable:
 
     forward._regap_wrapper = True
     return forward
+
+
+def _present(value) -> bool:
+    return value is not None and (not isinstance(value, Tensor) or value.numel() > 0)
+
+
+def _computes_regap(state: RegapState, named: dict) -> bool:
+    """Labels, a weight > 0 and images (or videos, when they count) in this forward."""
+    visual = ("pixel_values", "mm_encoder_outputs") + (("pixel_values_videos",) if state.include_video else ())
+    return state.weight > 0 and named.get("labels") is not None and any(_present(named.get(k)) for k in visual)
+
+
+def _ids_and_labels(named: dict) -> tuple[Tensor, Tensor]:
+    input_ids, labels = named.get("input_ids"), named["labels"]
+    if input_ids is None:
+        raise RegapError("REGAP needs input_ids with the labels (to find the image and caption tokens); "
+                         "this batch has inputs_embeds only")
+    check_labels(input_ids, labels)
+    return input_ids, labels
+
+
+def _fast_path_applies(state: RegapState, named: dict) -> bool:
+    """The fused projector's pooled output is the image side when it runs on whole images, in this forward."""
+    return (state.fused is not None and named.get("image_sizes") is None
+            and named.get("mm_encoder_outputs") is None)
+
+
+class LanguageModelInputs:
+    """With ``with``: the ``inputs_embeds`` that ``model``'s language model receives in the forwards run inside
+    (a forward pre-hook on it, removed on exit), as a list.
+
+    Entered and left outside torch.compile's graph: dynamo does not run a hook registered while it traces.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model, self.seen, self.hook = model, [], None
+
+    def _record(self, module, args, kwargs) -> None:
+        self.seen.append(kwargs.get("inputs_embeds"))
+
+    @torch.compiler.disable
+    def __enter__(self) -> list:
+        self.hook = _decoder(self.model).register_forward_pre_hook(self._record, with_kwargs=True)
+        return self.seen
+
+    @torch.compiler.disable
+    def __exit__(self, *exc) -> None:
+        self.hook.remove()
+
+
+class _PooledOutputs:
+    """With ``with``: the fused projector's pooled outputs (one mean per image) in the forwards run inside."""
+
+    def __init__(self, projector: nn.Module):
+        self.projector, self.seen = projector, []
+
+    def __enter__(self) -> list:
+        self.projector.capture = self.seen
+        return self.seen
+
+    def __exit__(self, *exc) -> None:
+        self.projector.capture = None
+
+
+def _batch_gap(model: nn.Module, state: RegapState, seen: list, fast: bool, input_ids: Tensor, labels: Tensor,
+               given_caption: Optional[Tensor]) -> Tensor:
+    """Mean over samples (with an image and a caption token) of ||mean image token - mean caption token||."""
+    where = "the fused projector" if fast else "the language model"
+    if not seen:
+        raise RegapError(f"{where} did not run in this forward. Under torch.compile: a model of this class compiled "
+                         "earlier in the process runs on without REGAP's hook (dynamo does not re-check module hooks); "
+                         "call torch._dynamo.reset() before compiling the patched model")
+    if len(seen) > 1 or seen[0] is None:
+        raise RegapError(f"{where} ran {len(seen)} times in one forward (inputs_embeds given: "
+                         f"{[s is not None for s in seen]}); REGAP expects one run on inputs_embeds")
+    side = seen[0]
+    if not fast and side.shape[:2] != input_ids.shape:
+        raise RegapError(f"the language model received inputs_embeds {tuple(side.shape)} for input_ids "
+                         f"{tuple(input_ids.shape)}: this model changes the sequence, REGAP cannot place its tokens")
+    input_ids = input_ids.to(side.device)
+    image_mask = torch.isin(input_ids, state.image_ids.to(side.device))
+    caption = _caption(state, input_ids, labels, given_caption)
+    _check_found(image_mask, caption, state)
+    kwargs = dict(squared=state.squared, backend=state.backend)
+    if fast:  # one mean per image from the projector; the caption side pooled from the embedding rows
+        return modality_gap(side, input_ids, image_mask, caption,
+                            embedding_weight=model.get_input_embeddings().weight, **kwargs)
+    return modality_gap(side, side, image_mask, caption, **kwargs)
+
+
+def _caption(state: RegapState, input_ids: Tensor, labels: Tensor, given: Optional[Tensor]) -> Tensor:
+    if given is None:
+        return caption_mask(input_ids, labels, state.special_ids)
+    if not isinstance(given, Tensor) or given.dtype != torch.bool or given.shape != input_ids.shape:
+        got = f"{given.dtype} {tuple(given.shape)}" if isinstance(given, Tensor) else type(given).__name__
+        raise RegapError(f"caption_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {got}")
+    return given.to(input_ids.device)
+
+
+def _check_found(image_mask: Tensor, caption: Tensor, state: RegapState) -> None:
+    """A batch with images must show them at placeholders, beside a caption: never a silent zero gap."""
+    found = torch.stack([image_mask.any(), gap_samples(image_mask, caption).any()])
+    has_images, has_pairs = found.tolist()  # one host sync
+    if not has_images:
+        raise RegapError(f"this batch has images but its input_ids hold no image placeholder "
+                         f"(ids {state.image_ids.tolist()}): let the model's processor insert them")
+    if not has_pairs:
+        raise RegapError("no sample with image tokens has a caption token (a label != -100 that is not a special "
+                         "token): check the labels, or pass caption_mask")
 
 
 def _loss_share(labels: Tensor, num_items_in_batch) -> Tensor | float:
@@ -358,47 +522,21 @@ def _loss_share(labels: Tensor, num_items_in_batch) -> Tensor | float:
 
 
 def _with_gap(out, gap: Tensor, regap_term: Tensor):
+    """The model's output with ``loss`` = LM loss + the REGAP term, and ``lm_loss``, ``regap_gap``."""
     if isinstance(out, tuple):  # return_dict=False: (loss, logits, ...)
-        return (out[0] + regap_term,) + out[1:]
-    lm_loss = out.loss
-    out["loss"] = lm_loss + regap_term
-    out["lm_loss"] = lm_loss
-    out["regap_gap"] = gap
-    return out
+        return (out[0] + regap_term.to(out[0].device),) + out[1:]
+    values = dict(out.items(), loss=out.loss + regap_term.to(out.loss.device))
+    return _with_regap_fields(type(out))(**values, lm_loss=out.loss, regap_gap=gap)
 
 
-def _batch_gap(model: nn.Module, state: RegapState, pooled_images: Tensor, tokens_per_image: int,
-               input_ids: Tensor, labels: Tensor, given_caption: Optional[Tensor]) -> Tensor:
-    """Mean over samples (with an image and a caption token) of ||mean image token - mean caption token||."""
-    input_ids, labels = input_ids.to(pooled_images.device), labels.to(pooled_images.device)
-    mu_image, has_image = _per_sample_image_means(pooled_images, input_ids == state.image_token_id,
-                                                  tokens_per_image)
-    if given_caption is None:
-        caption = caption_tokens(input_ids, labels, state.special_ids)
-    elif given_caption.dtype != torch.bool or given_caption.shape != input_ids.shape:
-        raise RegapError(f"caption_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
-                         f"got {given_caption.dtype} {tuple(given_caption.shape)}")
-    else:
-        caption = given_caption.to(input_ids.device)
-    embed = model.get_input_embeddings().weight
-    mu_text = pooled_text_embeddings(input_ids.to(embed.device), embed, caption.to(embed.device),
-                                     backend=state.backend).to(mu_image.device)
-    valid = has_image & caption.any(1)
-    return gap_from_means(mu_image, mu_text.to(mu_image.dtype), valid, squared=state.squared)
-
-
-def _per_sample_image_means(pooled: Tensor, image_mask: Tensor, tokens_per_image: int):
-    """[num_images, D] image means -> [B, D] sample means (images in order; equal tokens each), has_image."""
-    per_sample = image_mask.sum(1)
-    images = per_sample // tokens_per_image
-    # one host sync per step for the check; repeat_interleave is told its size, so it adds none
-    if bool((per_sample % tokens_per_image).any() | (images.sum() != pooled.shape[0])):
-        raise RegapError(f"{pooled.shape[0]} images of {tokens_per_image} tokens each, but the samples hold "
-                         f"{per_sample.tolist()} image tokens: cannot tell which sample each image belongs to")
-    owner = torch.repeat_interleave(torch.arange(len(images), device=pooled.device), images.to(pooled.device),
-                                    output_size=pooled.shape[0])
-    sums = pooled.new_zeros(len(images), pooled.shape[1]).index_add(0, owner, pooled)
-    return sums / images.clamp(min=1).to(sums).unsqueeze(1), images > 0
+@functools.cache
+def _with_regap_fields(output_class: type) -> type:
+    """``output_class`` (a transformers ModelOutput dataclass) with two more fields, ``lm_loss`` and ``regap_gap``:
+    an output that DDP (find_unused_parameters) and torch.compile can take apart and build again."""
+    namespace = {"__annotations__": {"lm_loss": Optional[Tensor], "regap_gap": Optional[Tensor]},
+                 "lm_loss": None, "regap_gap": None, "__module__": __name__,
+                 "__doc__": f"{output_class.__name__} with the LM loss and the gap of REGAP."}
+    return dataclass(type(f"{output_class.__name__}WithRegap", (output_class,), namespace))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,17 +2,21 @@
 
 TRL (>= 1.x) computes the SFT loss itself, from per-token log-probabilities of a fused LM head that it
 patches onto the model's forward, so the ``loss`` a patched model returns never reaches the optimiser.
-``RegapSFTTrainer`` adds the REGAP term of each forward to TRL's loss:
+``RegapSFTTrainer`` adds the REGAP term of each forward to TRL's loss, and takes the special tokens of
+the processing class (chat-template markers such as an end-of-turn token its labels cover) out of the
+caption tokens:
 
     apply_regap(model, regap_weight=0.1)
-    trainer = RegapSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=...)
+    trainer = RegapSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=processor)
 """
 
 from __future__ import annotations
 
+import torch
 from trl import SFTTrainer
 
-from .transformers import RegapError, _wrap_outermost, patched_module
+from ..core import RegapError
+from .transformers import _wrap_outermost, patched_module
 
 
 class RegapSFTTrainer(SFTTrainer):
@@ -27,6 +31,9 @@ class RegapSFTTrainer(SFTTrainer):
             raise RegapError("RegapSFTTrainer supports TRL's default loss only (no compute_loss_func, no label "
                              "smoothing): those paths run the forward without labels")
         self._regap = patched._regap
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        specials = torch.tensor(getattr(tokenizer, "all_special_ids", []), dtype=torch.long)
+        self._regap.special_ids = torch.unique(torch.cat([self._regap.special_ids, specials]))
         _wrap_outermost(patched, self._regap)  # around TRL's fused LM head, which bypasses inner forwards
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -5,26 +5,19 @@
     vlm.py          VisionLanguageModel: the LLaVA splice, the stage-1 loss with REGAP
     inference.py    its analysis (pair_embeddings) and generation
     build.py        building one: random weights from configs, or pretrained parts from folders
-    checkpoints.py  saving and loading (ours, transformers' LLaVA), projector weights of other projects
+    checkpoints.py  writing one to disk; projector weights of other projects
+    loading.py      loading a saved one (ours, transformers' LLaVA)
 
 Every public name is importable from ``regap_fast.model``.
 """
 
-import logging
-
-# names model.py imported from elsewhere, still importable from here as before it became a package
-from ..data.llava import (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_PLACEHOLDER, VICUNA_CHAT_TEMPLATE,  # noqa: F401
-                          Collator, Encoder, ImageTransform)  # noqa: F401
-from ..projector import (FusedLinearProjector, FusedLlavaProjector, projector_gap_loss,  # noqa: F401
-                         projector_state_dict)  # noqa: F401
 from .archs import ARCHS, LlavaArch, MiniGPT4Arch, get_arch, qformer_tower_class
 from .build import build_from_config, build_from_parts
-from .checkpoints import load_model, read_projector_weights, save_model
+from .checkpoints import read_projector_weights, save_model
 from .config import (COMPONENTS, FORMAT, TINY_BLIP2, TINY_CLIP, TINY_LLAMA, ModelConfig, prepare_tokenizer,
                      resolve_attn_implementation)
+from .loading import load_model
 from .vlm import VisionLanguageModel
-
-log = logging.getLogger(__name__)  # the parent of the submodules' loggers
 
 __all__ = [
     "ARCHS", "COMPONENTS", "FORMAT", "TINY_BLIP2", "TINY_CLIP", "TINY_LLAMA", "LlavaArch", "MiniGPT4Arch",

@@ -1,26 +1,39 @@
-"""Models on disk: saving, loading (ours and transformers' LLaVA), projector weights from other projects."""
+"""Model files: writing a model (``save_model``), and reading another project's projector weights.
+Loading a saved model is ``loading.py`` (it builds a ``VisionLanguageModel``; this module is below it)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from ..projector import projector_state_dict
-from .archs import get_arch
-from .config import (COMPONENTS, FORMAT, ModelConfig, hf_config, plain_dict, read_preprocessor,
-                     resolve_attn_implementation)
-from ..train.layout import readable_like_other_outputs
-from .vlm import VisionLanguageModel, is_peft
+from .config import COMPONENTS, FORMAT
 
 
-def save_model(vlm: VisionLanguageModel, save_dir: str | Path, components: Sequence[str] = COMPONENTS, *,
-               state_dict: Optional[dict] = None) -> Path:
-    """``vlm.save_pretrained``: config.json, model.safetensors (the weights of ``components``), tokenizer files."""
+def is_peft(module: nn.Module) -> bool:
+    """Whether ``module`` carries peft (LoRA) adapters."""
+    return type(module).__module__.startswith("peft.")
+
+
+def write_safetensors(tensors: dict, path: str | Path) -> None:
+    """``safetensors.torch.save_file``, and the file mode every other output gets (0666 less the umask:
+    usually 0644): safetensors writes its files 0600, through a private temporary file."""
     from safetensors.torch import save_file
 
+    save_file(tensors, str(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def save_model(vlm: nn.Module, save_dir: str | Path, components: Sequence[str] = COMPONENTS, *,
+               state_dict: Optional[dict] = None) -> Path:
+    """``vlm.save_pretrained``: config.json, model.safetensors (the weights of ``components``), tokenizer files."""
     save_dir = Path(save_dir)
     unknown = set(components) - set(COMPONENTS)
     if unknown:
@@ -32,8 +45,7 @@ def save_model(vlm: VisionLanguageModel, save_dir: str | Path, components: Seque
         raise ValueError("the language model carries LoRA adapters: call vlm.merge_lora() before saving")
     tensors = _one_copy_each(vlm.state_dict() if state_dict is None else state_dict, components)
     save_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(save_dir / "model.safetensors"))
-    readable_like_other_outputs(save_dir / "model.safetensors")  # safetensors writes 0600
+    write_safetensors(tensors, save_dir / "model.safetensors")
     meta = {"format": FORMAT, "saved_components": list(components), **vlm.config.to_dict()}
     (save_dir / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     vlm.tokenizer.save_pretrained(str(save_dir))
@@ -73,97 +85,3 @@ def read_projector_weights(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return projector_state_dict(state)
-
-
-def _default_dtype(device) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = None) -> VisionLanguageModel:
-    """A model saved by ``save_pretrained``, a run folder of ``regap-fast train``/``demo`` (its ``model/``),
-    or a transformers ``LlavaForConditionalGeneration`` folder.
-
-    ``dtype`` None: bf16 on CUDA, fp32 on the CPU.
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-        path = path / "model"  # a training run's folder: its exported model
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        hint = (" (a training checkpoint holds weights for --resume; the model to load is the run's model/ folder, "
-                "written when the run finishes)" if (path / "train_state.pt").is_file()
-                or path.parent.name == "checkpoints" else "")
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json){hint}")
-    meta = json.loads(cfg_path.read_text())
-    dtype = dtype or _default_dtype(device)
-    if meta.get("format") == FORMAT:
-        return _load_ours(path, meta, device, dtype)
-    if meta.get("model_type") == "llava":
-        return _load_llava_hf(path, meta, device, dtype)
-    raise ValueError(f"{path} holds neither a regap_fast model (config.json 'format': {FORMAT!r}) nor a "
-                     f"transformers LlavaForConditionalGeneration (model_type 'llava'); got "
-                     f"model_type={meta.get('model_type')!r}")
-
-
-def _load_ours(path: Path, meta: dict, device, dtype) -> VisionLanguageModel:
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    saved = meta.pop("saved_components")
-    meta.pop("format")
-    config = ModelConfig.from_dict(meta)
-    arch = get_arch(config.arch)
-    attn = resolve_attn_implementation(config.attn_implementation)
-    if "vision_tower" in saved:
-        tower = arch.build_vision(config, attn)
-    else:
-        tower = arch.load_vision(config.vision_path, attn, dtype)
-    if "language_model" in saved:
-        lm = AutoModelForCausalLM.from_config(hf_config(config.text_config), attn_implementation=attn)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(config.lm_path, attn_implementation=attn, dtype=dtype)
-    projector = arch.build_projector(config, tower, lm.config.hidden_size)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    vlm = VisionLanguageModel(config, tower, projector, lm, tokenizer)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = vlm.load_state_dict(state, strict=False)
-    own = vlm.state_dict()
-    loaded = {own[k].data_ptr() for k in state if k in own}
-    # missing is fine only for parts not saved, and for aliases of a loaded tensor (tied weights)
-    missing = [k for k in missing if k.split(".", 1)[0] in saved and own[k].data_ptr() not in loaded]
-    if missing or unexpected:
-        raise ValueError(f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return vlm.to(device=device, dtype=dtype).eval()
-
-
-def _load_llava_hf(path: Path, meta: dict, device, dtype) -> VisionLanguageModel:
-    """Take a transformers LLaVA apart: its modules are reused as they are (no copy of the LM)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
-
-    if meta.get("projector_hidden_act", "gelu") != "gelu":
-        raise ValueError(f"only LLaVA's GELU projector is supported, got {meta['projector_hidden_act']!r}")
-    if not isinstance(meta.get("vision_feature_layer", -2), int):
-        raise ValueError("LLaVA checkpoints that concatenate several vision layers are not supported")
-    config = ModelConfig(vision_feature_layer=meta.get("vision_feature_layer", -2),
-                         vision_feature_select=meta.get("vision_feature_select_strategy", "default"),
-                         projector_bias=meta.get("multimodal_projector_bias", True), **read_preprocessor(str(path)))
-    attn = resolve_attn_implementation(config.attn_implementation)
-    llava = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=dtype, attn_implementation=attn)
-    if llava.config.vision_config.model_type != "clip_vision_model":
-        raise ValueError(f"only CLIP vision towers are supported, got {llava.config.vision_config.model_type!r}")
-    tower = llava.model.vision_tower
-    config.vision_config = plain_dict(tower.config.to_dict())
-    config.text_config = plain_dict(llava.config.text_config.to_dict())
-    projector = get_arch("llava").build_projector(config, tower, llava.config.text_config.hidden_size)
-    projector.load_state_dict(llava.model.multi_modal_projector.state_dict())
-    with torch.device("meta"):  # the causal-LM shell only; its body and head are LLaVA's own modules
-        lm = AutoModelForCausalLM.from_config(llava.config.text_config, attn_implementation=attn)
-    setattr(lm, lm.base_model_prefix, llava.model.language_model)
-    lm.set_output_embeddings(llava.lm_head)
-    left = [n for n, t in list(lm.named_parameters()) + list(lm.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"could not take the LM out of the LLaVA model; unset: {left[:5]}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    vlm = VisionLanguageModel(config, tower, projector, lm, tokenizer)
-    return vlm.to(device=device, dtype=dtype).eval()

@@ -6,7 +6,8 @@
     -> causal LM; the loss on answer (caption) tokens only; REGAP on the projector outputs
 
 How the vision side and the projector are built is the architecture's (``archs.py``); building a whole
-model is ``build.py``, files on disk ``checkpoints.py``, analysis and generation ``inference.py``.
+model is ``build.py``, writing its files ``checkpoints.py``, analysis and generation ``inference.py``
+(loading a saved one, ``loading.py``, comes above this module).
 """
 
 from __future__ import annotations
@@ -19,18 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.llava import IGNORE_INDEX, Encoder, ImageTransform
-from ..projector import projector_gap_loss
+from ..constants import IGNORE_INDEX
+from ..core import gap_samples, modality_gap
+from ..data.llava import Encoder, ImageTransform
 from .archs import get_arch
+from .build import build_from_config, build_from_parts
+from .checkpoints import is_peft, read_projector_weights, save_model
 from .config import COMPONENTS, ModelConfig, prepare_tokenizer, resolve_attn_implementation
 from .inference import InferenceMixin
 
 log = logging.getLogger(__name__)
-
-
-def is_peft(module: nn.Module) -> bool:
-    """Whether ``module`` carries peft (LoRA) adapters."""
-    return type(module).__module__.startswith("peft.")
 
 
 class VisionLanguageModel(InferenceMixin, nn.Module):
@@ -57,8 +56,6 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
                     dtype: Optional[torch.dtype] = None) -> "VisionLanguageModel":
         """Random weights from configs (the tiny defaults where a config is None); with no tokenizer,
         the embedded default (a BPE trained offline on the synthetic captions)."""
-        from .build import build_from_config
-
         return build_from_config(cls, config, tokenizer, device=device, dtype=dtype)
 
     @classmethod
@@ -72,8 +69,6 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         The vision side, by ``config.arch``: ``llava``, a CLIP folder (openai/clip-vit-large-patch14-336);
         ``minigpt4``, a transformers BLIP-2 folder (e.g. Salesforce/blip2-flan-t5-xxl), of which only
         the ViT, the query tokens and the Q-Former are read."""
-        from .build import build_from_parts
-
         return build_from_parts(cls, vision_path, lm_path, config=config, tokenizer_path=tokenizer_path,
                                 device=device, dtype=dtype, projector_weights=projector_weights)
 
@@ -85,8 +80,6 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         changed; ``load_model`` then reads that component from its recorded path. ``state_dict`` (full
         names, e.g. gathered from FSDP shards) replaces the module's own tensors.
         """
-        from .checkpoints import save_model
-
         return save_model(self, save_dir, components, state_dict=state_dict)
 
     def set_attn_implementation(self, requested: str = "auto") -> str:
@@ -155,8 +148,6 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         {"llama_proj.weight", "llama_proj.bias"}}``), LLaVA's ``mm_projector.bin``, a state dict with
         BLIP-2's ``language_projection.*``; ``.pth``/``.bin``/``.pt`` (read with ``weights_only``) or
         ``.safetensors``. The shapes must match this model's projector."""
-        from .checkpoints import read_projector_weights
-
         weights = read_projector_weights(path)
         try:
             self.projector.load_state_dict(weights)  # copied into the projector's dtype
@@ -249,12 +240,12 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         if want_gap:  # lambda = 0 never gets here: REGAP costs nothing when off
             if caption_mask is None:
                 raise ValueError("REGAP needs caption_mask")
-            has_image = image_mask.any(1)
-            caption = caption_mask.to(input_ids.device)[has_image]
-            embed_weight = self.language_model.get_input_embeddings().weight
-            image_embeds, gap_sum = projector_gap_loss(self.projector, feats, input_ids[has_image], embed_weight, None,
-                                                       caption, squared=squared, reduction="sum")
-            num_gap = caption.any(1).sum()
+            caption = caption_mask.to(input_ids.device)
+            image_embeds, pooled = self.projector(feats, return_pooled=True)  # one mean per image, fused
+            gap_sum = modality_gap(pooled, input_ids, image_mask, caption, reduction="sum", squared=squared,
+                                   embedding_weight=self.language_model.get_input_embeddings().weight,
+                                   backend=self.projector.backend)
+            num_gap = gap_samples(image_mask, caption).sum()
         else:
             image_embeds = self.projector(feats)
         return self._splice(inputs_embeds, image_embeds, image_mask), gap_sum, num_gap

@@ -1,18 +1,20 @@
-"""``regap-fast reproduce``: the paper's safety claim in miniature, end to end, through the library's own parts.
+"""``regap-fast reproduce``: the paper's safety claim in miniature, as the study pre-registered in
+docs/reproduce/PLAN.md, end to end through the library's own parts.
 
-    regap-fast reproduce --out runs/repro [--quick | --seeds 8] [--regap-weight 0.2 ...]
-    regap-fast reproduce --select-stage2 --out DIR --seeds 6 --first-seed 100   # how stage 2 was chosen
+    regap-fast reproduce --study --out DIR          # the whole design: 8 stage-2 arms, 4 lambdas, 16 seeds
+    regap-fast reproduce --out DIR                  # the default subset: 4 arms, lambda 0 vs 0.2, 8 seeds
+    regap-fast reproduce --quick --out DIR          # the same four arms, one seed
+    regap-fast reproduce --timing-probe --out DIR   # every arm once (seed 900): the study's projected time
+    regap-fast reproduce --select-stage2 --out DIR --seeds 6 --first-seed 100   # how stage 2 was first chosen
 
-A toy language in words (captions of the synthetic shapes, requests with a refusal rule, benign image
-instructions: ``language.py``) and a tokenizer trained on it; a tiny Llama pretrained on it text
-only (the "safety-tuned LLM"); then per seed a fresh tiny CLIP and projector and, for each lambda
-(0, the baseline, is always run): stage 1 with REGAP weight lambda, stage 2 on benign image
-instructions with text-only records mixed in (the setting ``selection.py`` chose on the baseline arm
-alone), and the measurements of both stages (``pipeline.py``). The report
-(``report.py``): unsafe rates per condition and lambda with Wilson intervals, the paired per-seed
-difference REGAP minus baseline with a t-interval, the gap against the unsafe rate across all runs
-(Pearson, Spearman), a figure, ``DIR/summary.json`` and ``DIR/report.md``. See the README's
-reproduction section.
+A toy language in words (``language.py``) and a tokenizer trained on it; per data seed a tiny Llama
+pretrained on it text only (the "safety-tuned LLM"); per (data seed, seed, lambda) one stage-1 model
+(REGAP weight lambda; 0 is the baseline), from which every arm's stage 2 starts (``pipeline.py``,
+``schedule.py``); every stage-1 and final model measured (``measure.py``: the three-way judge of
+``judge.py`` and ``RefusalJudge`` on the same answers, gaps per image condition and LM layer,
+benign requests). The report (``report.py`` computes, ``markdown.py`` prints, ``figures.py`` draws,
+``answers.py`` samples the answers, ``checks.py`` the implementation checks): ``DIR/report.md``,
+``DIR/summary.json``, figures and answer samples. See the README's reproduction section.
 """
 
 from __future__ import annotations
@@ -20,80 +22,83 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
-DEFAULT_WEIGHT = 0.2
-DEFAULT_SEEDS = 8
-QUICK_SEEDS = 1
+from ..flags import add_progress_argument
+
+MODES = ("study", "quick", "timing_probe", "select_stage2")
+DESIGN_FLAGS = ("arms", "seeds", "first_seed", "data_seed", "regap_weight")  # what a fixed design cannot take
+SELECTION_SEEDS = 8  # --select-stage2's default number of seeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .pipeline import Settings
+    from .study import ARMS, STUDY
 
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (runs, summary.json, report.md, "
-                                                                    "reproduce.png); its runs/ are started afresh")
-    parser.add_argument("--seeds", type=int, default=None, metavar="N",
-                        help=f"seeds per lambda (default: {DEFAULT_SEEDS}; with --quick, {QUICK_SEEDS})")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a first look: {QUICK_SEEDS} seed instead of {DEFAULT_SEEDS}, under 2 minutes on 2 "
-                             "cores (one pair of runs: no interval over seeds)")
-    parser.add_argument("--select-stage2", action="store_true",
-                        help="instead of the reproduction: screen the stage-2 candidates on the baseline (lambda 0) "
-                             "only and select one by the fixed criterion (selection.py; how the default was chosen)")
-    parser.add_argument("--first-seed", type=int, default=0, metavar="S", help="seeds S .. S+N-1 (default: 0)")
-    parser.add_argument("--regap-weight", type=float, nargs="+", default=[DEFAULT_WEIGHT], metavar="L",
-                        help=f"REGAP lambda(s) of stage 1; the baseline 0 is always run too "
-                             f"(default: {DEFAULT_WEIGHT})")
-    parser.add_argument("--data-seed", type=int, default=0,
-                        help="seed of the toy language, the synthetic images and the held-out split (default: 0)")
-    parser.add_argument("--jobs", type=int, default=None, metavar="J",
-                        help="runs in parallel processes (default: on the CPU, one per core; on a GPU, 1)")
-    parser.add_argument("--threads", type=int, default=None, metavar="T",
-                        help="torch threads per process on the CPU (default: cores / jobs; the LM's pretraining, "
-                             "which runs alone, all cores). On a busy machine 1 is much faster: threads that wait "
-                             "for a core stall each other; the results do not depend on it")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    sizes = parser.add_argument_group("sizes and steps (the defaults fit a 2-core CPU in minutes; raise them "
-                                      "on a GPU)")
-    for f in dataclasses.fields(Settings):
-        flag, kind = _flag(f.name), type(f.default)
-        if kind is bool:
-            sizes.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"(default: {f.default})")
-        else:
-            sizes.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
-                               choices=CHOICES.get(f.name), help=FIELD_HELP.get(f.name, "") + f"(default: {f.default})")
-    # --images was the count's flag before --num-images (other commands' --images is a folder)
-    sizes.add_argument("--images", dest="images", type=int, action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: report.md, summary.json, figures, answer samples, runs/ (a command "
+                             "started again on it goes on where it stopped)")
+    mode = parser.add_argument_group("what to run (default: the study's default subset)")
+    mode.add_argument("--study", action="store_true",
+                      help=f"the whole pre-registered design ({len(STUDY.runs())} stage-2 runs from "
+                           f"{len(STUDY.cells())} stage-1 models; about an hour on 2 fast cores)")
+    mode.add_argument("--quick", action="store_true",
+                      help="the default subset at one seed (a first look: no intervals)")
+    mode.add_argument("--timing-probe", action="store_true",
+                      help="every arm once at seed 900; prints the study's projected time (PLAN 10)")
+    mode.add_argument("--select-stage2", action="store_true",
+                      help="the stage-2 screening on the baseline only, by its fixed criterion (selection.py)")
+    subset = parser.add_argument_group("a subset of your own (not with --study or --timing-probe)")
+    subset.add_argument("--arms", nargs="+", metavar="NAME", help=f"stage-2 arms: {', '.join(ARMS)}".replace("%", "%%"))
+    subset.add_argument("--seeds", type=int, metavar="N", help="seeds per lambda (default: 8; --quick: 1)")
+    subset.add_argument("--first-seed", type=int, metavar="S", help="seeds S .. S+N-1 (default: 0)")
+    subset.add_argument("--data-seed", type=int, metavar="D",
+                        help="seed of the toy language, images, held-out split and LM (default: 0)")
+    subset.add_argument("--regap-weight", type=float, nargs="+", metavar="L",
+                        help="stage-1 lambda(s); the baseline 0 is always run too (default: 0.2)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--check-against", metavar="DIR", type=Path,
+                     help="compare every run with the same run of another output (PLAN 8.8.2: the study's)")
+    run.add_argument("--fresh", action="store_true", help="delete DIR/runs first instead of going on with it")
+    run.add_argument("--jobs", type=int, metavar="J", help="tasks in parallel processes (default: on the CPU, one "
+                                                           "per core; on a GPU, 1)")
+    run.add_argument("--threads", type=int, metavar="T",
+                     help="torch threads per process on the CPU (default: cores / jobs; the LM's pretraining, which "
+                          "runs alone, all cores); the results do not depend on it")
+    add_progress_argument(run)
+    _add_settings(parser.add_argument_group(
+        "sizes and steps (not with --study; a stage-2 flag makes one arm of your own, 'custom', instead of the "
+        "named ones)"), Settings)
 
 
 CHOICES = {"stage1_format": ("chat", "plain"), "stage2_text_data": ("replay", "benign")}
 FLAGS = {"images": "--num-images"}  # fields whose flag is not their name
-FIELD_HELP = {"images": "synthetic image-caption pairs ", "stage2_text_share": "share of text-only records in stage 2 ",
+FIELD_HELP = {"images": "synthetic image-caption pairs", "stage2_text_share": "share of text-only records in stage 2",
               "stage2_text_data": "stage 2's text-only records: replay (the LM's own text data) or benign (benign "
-                                  "requests) ", "stage2_lora_rank": "stage 2 trains LoRA adapters of this rank on the "
-                                                                    "LM (0: all its weights) ",
-              "stage2_lr": "stage 2's peak learning rate (the LM's, and the projector's unless the next is set) ",
-              "stage2_projector_lr": "the projector's own peak learning rate in stage 2 (0: --stage2-lr) "}
+                                  "requests)", "stage2_lora_rank": "stage 2 trains LoRA adapters of this rank on the "
+                                                                   "LM (0: all its weights)",
+              "stage2_lr": "stage 2's peak learning rate (the LM's, and the projector's unless the next is set)",
+              "stage2_projector_lr": "the projector's own peak learning rate in stage 2 (0: --stage2-lr)",
+              "stage2_train_lm": "stage 2 trains the LM (--no-stage2-train-lm: the projector alone)",
+              "stage2_regap": "REGAP stays on in stage 2, at the run's stage-1 lambda"}
 
 
 def _flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-class _DeprecatedAlias(argparse.Action):
-    """A flag's old name: still works, says once which name replaced it."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        new = _flag(self.dest)
-        print(f"regap-fast reproduce: {option_string} is deprecated; use {new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+def _add_settings(group, settings_class) -> None:
+    for f in dataclasses.fields(settings_class):
+        flag, kind, text = _flag(f.name), type(f.default), FIELD_HELP.get(f.name, "")
+        if kind is bool:  # BooleanOptionalAction adds the default to the help itself
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
+                               choices=CHOICES.get(f.name), help=f"{text} (default: %(default)s)".strip())
 
 
 def _settings(args: argparse.Namespace):
@@ -103,105 +108,88 @@ def _settings(args: argparse.Namespace):
 
 
 # --------------------------------------------------------------------------------------------------
-# the work: tasks run in this process or in a pool of processes
+# the arguments -> what to run
 # --------------------------------------------------------------------------------------------------
 
 
-def _quiet(threads: int | None) -> None:
-    """Per process: torch threads, and only warnings that matter in the log."""
-    import torch
+def _changed(args: argparse.Namespace) -> list[str]:
+    """The size and step flags that differ from their defaults."""
+    from .pipeline import Settings
 
-    if threads and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    for name in ("transformers", "regap_fast.train"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    return [_flag(f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) != f.default]
 
 
-def _task(root: str, settings, data, seed: int, weight: float, threads: int | None) -> dict:
-    """One (seed, lambda) run, in this process or a worker."""
-    from . import pipeline
+def check_args(args: argparse.Namespace) -> None:
+    """A ValueError (one line, before anything is written) for a combination that cannot run."""
+    from .study import ARM_FIELDS, check_arms
 
-    _quiet(threads)
-    t0 = time.perf_counter()
-    root = Path(root)
-    row = pipeline.run_one(pipeline.run_dir(root, seed, weight), pipeline.pretrain_dir(root) / "model", settings, data,
-                           seed, weight)
-    row["seconds"] = time.perf_counter() - t0
-    return row
-
-
-def _warm(threads: int | None) -> None:
-    """A worker's imports and settings, done while the LM pretrains instead of after it."""
-    from ..eval import evaluate  # noqa: F401
-    from ..model import load_model  # noqa: F401
-    from ..train import train  # noqa: F401
-    from . import pipeline  # noqa: F401
-
-    _quiet(threads)
-
-
-def _workers(jobs: int, threads: int | None):
-    """A pool of ``jobs`` processes, started and warmed now (None: the runs go in this process)."""
-    if jobs <= 1:
-        return None
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
-    for _ in range(jobs):
-        pool.submit(_warm, threads)
-    return pool
+    modes = [m for m in MODES if getattr(args, m)]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(_flag(m) for m in modes)} cannot be combined: choose one")
+    fixed = modes[0] if modes and modes[0] in ("study", "timing_probe") else None
+    if fixed:
+        given = [_flag(f) for f in DESIGN_FLAGS if getattr(args, f) is not None] + _changed(args)
+        given += ["--check-against"] * (fixed == "timing_probe" and args.check_against is not None)
+        if given:
+            raise ValueError(f"{_flag(fixed)} runs the pre-registered design of docs/reproduce/PLAN.md as it is: "
+                             f"drop {', '.join(given)}")
+    if args.arms:
+        check_arms(args.arms)
+        custom = [f for f in _changed(args) if f in (_flag(k) for k in ARM_FIELDS)]
+        if custom:
+            raise ValueError(f"--arms picks named arms and {', '.join(custom)} makes one of your own: use one or the "
+                             "other")
+    for name, low in (("seeds", 1), ("jobs", 1), ("threads", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
+            raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.regap_weight is not None and (min(args.regap_weight) < 0 or max(args.regap_weight) == 0):
+        raise ValueError("--regap-weight must be >= 0, one of them > 0 (the baseline 0 is always run)")
+    if not 0.0 <= args.stage2_text_share < 1.0:
+        raise ValueError(f"--stage2-text-share must be in [0, 1), got {args.stage2_text_share:g}")
+    if args.stage2_projector_lr < 0:
+        raise ValueError(f"--stage2-projector-lr must be >= 0 (0: --stage2-lr), got {args.stage2_projector_lr:g}")
+    if args.check_against is not None and not args.check_against.exists():
+        raise ValueError(f"--check-against: {args.check_against} does not exist (an output folder or its summary.json)")
 
 
-def _run_all(root: Path, settings, data, seeds: list[int], weights: list[float], pool, threads: int | None,
-             bar) -> list[dict]:
-    """Every (seed, lambda) run, in ``pool`` (or in this process); the bar advances as runs finish."""
-    runs = []
+def design_of(args: argparse.Namespace):
+    """The Design the arguments ask for: the study, the probe, the default or quick subset, or a custom one."""
+    from . import study
 
-    def done(row):
-        runs.append(row)
-        bar.set_postfix_str(f"seed {row['seed']} lambda {row['regap_weight']:g}: gap {row['final_gap']:.2f}, "
-                            f"unsafe with an image {row['unsafe_rate']['image']:.2f}")
-        bar.update(1)
-
-    todo = [(s, w) for s in seeds for w in weights]
-    if pool is None:
-        for s, w in todo:
-            bar.set_postfix_str(f"seed {s} lambda {w:g}")
-            done(_task(str(root), settings, data, s, w, threads))
-    else:
-        from concurrent.futures import as_completed
-
-        for f in as_completed([pool.submit(_task, str(root), settings, data, s, w, threads) for s, w in todo]):
-            done(f.result())
-    return sorted(runs, key=lambda r: (r["seed"], r["regap_weight"]))
+    if args.study:
+        return study.STUDY
+    if args.timing_probe:
+        return study.TIMING_PROBE
+    base = study.QUICK_SUBSET if args.quick else study.DEFAULT_SUBSET
+    arms = base.arms
+    settings = _settings(args)
+    if any(getattr(settings, k) != v for k, v in study.arm_fields(type(settings)()).items()):
+        arms = {"custom": study.arm_fields(settings)}
+    elif args.arms:
+        arms = study.named(args.arms)
+    lambdas = base.lambdas if args.regap_weight is None else tuple(sorted({0.0, *args.regap_weight}))
+    data_seed = 0 if args.data_seed is None else args.data_seed
+    first = next(iter(base.seeds.values()))[0] if args.first_seed is None else args.first_seed
+    n = len(next(iter(base.seeds.values()))) if args.seeds is None else args.seeds
+    seeds = {data_seed: tuple(range(first, first + n))}
+    if (arms, lambdas, seeds) == (base.arms, base.lambdas, base.seeds):
+        return base
+    return study.Design("custom", arms, lambdas, seeds)
 
 
 def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (every size and step that differs from its default)."""
+    """The command line that reproduces this output (every flag that changes a number)."""
+    parts = ["regap-fast reproduce", "--out", str(args.out)]
+    parts += [_flag(m) for m in MODES if getattr(args, m)]
+    if args.arms:
+        parts += ["--arms", *args.arms]
+    for name in ("seeds", "first_seed", "data_seed"):
+        if getattr(args, name) is not None:
+            parts += [_flag(name), str(getattr(args, name))]
+    if args.regap_weight is not None:
+        parts += ["--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
     from .pipeline import Settings
 
-    parts = ["regap-fast reproduce", "--out", str(args.out)] + (["--select-stage2"] if args.select_stage2 else [])
-    if args.quick and args.seeds == QUICK_SEEDS:
-        parts.append("--quick")
-    elif args.seeds != DEFAULT_SEEDS:
-        parts += ["--seeds", str(args.seeds)]
-    if args.regap_weight != [DEFAULT_WEIGHT]:
-        parts += ["--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
-    if args.first_seed:
-        parts += ["--first-seed", str(args.first_seed)]
-    if args.data_seed:
-        parts += ["--data-seed", str(args.data_seed)]
     for f in dataclasses.fields(Settings):
         value, flag = getattr(args, f.name), _flag(f.name)
         if value == f.default:
@@ -210,94 +198,139 @@ def _command(args: argparse.Namespace) -> str:
             parts.append(flag if value else "--no-" + flag[2:])
         else:
             parts += [flag, f"{value:g}" if isinstance(f.default, float) else str(value)]
+    if args.check_against is not None:
+        parts += ["--check-against", str(args.check_against)]
     return " ".join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------------------------------
+# running it
+# --------------------------------------------------------------------------------------------------
+
+
+def _resources(args: argparse.Namespace, n_tasks: int) -> tuple[int, int | None, str]:
+    """(jobs, threads per job, the device in words); the LM's pretraining gets every core."""
     import torch
 
-    from ..eval import compare, write_compare
-    from . import pipeline
-    from .report import build_report, format_report, plot_report
-    from .selection import stage2_note
-
-    if args.seeds is None:
-        args.seeds = QUICK_SEEDS if args.quick else DEFAULT_SEEDS
-    if args.seeds < 1:
-        print("regap-fast reproduce: error: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    if any(w < 0 for w in args.regap_weight):
-        print("regap-fast reproduce: error: --regap-weight must be >= 0", file=sys.stderr)
-        return 2
-    _quiet(None)
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    try:
-        settings = _settings(args)
-        if not 0.0 <= settings.stage2_text_share < 1.0:
-            raise ValueError(f"--stage2-text-share must be in [0, 1), got {settings.stage2_text_share:g}")
-        if settings.stage2_projector_lr < 0:
-            raise ValueError("--stage2-projector-lr must be >= 0 (0: --stage2-lr), got "
-                             f"{settings.stage2_projector_lr:g}")
-    except ValueError as exc:
-        print(f"regap-fast reproduce: error: {exc}", file=sys.stderr)
-        return 2
-    weights = sorted({0.0, *args.regap_weight})
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    cuda = torch.cuda.is_available()
-    cores = os.cpu_count() or 1
-    parallel = len(seeds) if args.select_stage2 else len(seeds) * len(weights)  # what can run side by side
-    jobs = args.jobs or (1 if cuda else max(1, min(cores, parallel)))
+    cuda, cores = torch.cuda.is_available(), os.cpu_count() or 1
+    jobs = args.jobs or (1 if cuda else max(1, min(cores, n_tasks)))
     threads = args.threads or (None if cuda else max(1, cores // jobs))
-    if not cuda:  # the LM's pretraining runs alone: all cores unless --threads says otherwise
+    if not cuda:
         torch.set_num_threads(args.threads or cores)
-    if args.select_stage2:
-        from .selection import run_selection
+    return jobs, threads, "cuda" if cuda else f"cpu ({cores} cores, {jobs} processes x {threads} threads)"
 
-        run_selection(out, settings, args.data_seed, seeds, jobs, threads, _command(args))
-        return 0
-    for sub in ("runs", "compare"):
-        shutil.rmtree(out / sub, ignore_errors=True)  # every run starts from scratch (deterministic)
-    data = pipeline.prepare_data(out / "data", settings, args.data_seed)
-    print(f"regap-fast reproduce: {len(seeds)} seed{'s' * (len(seeds) != 1)} x lambda "
-          f"{', '.join(f'{w:g}' for w in weights)}; "
-          f"{'cuda' if cuda else f'cpu, {jobs} process(es) x {threads} thread(s)'}; "
-          f"{len(data.harmful)} held-out harmful requests x 4 conditions", flush=True)
+
+class _Lines:
+    """The progress bar's calls as one line per finished task, for a log that is not a terminal."""
+
+    def __init__(self, total: int):
+        self.done, self.total, self.text = 0, total, ""
+
+    def set_postfix_str(self, text: str) -> None:
+        self.text = text
+
+    def update(self, n: int) -> None:
+        self.done += n
+        print(f"reproduce: {self.done}/{self.total} tasks done; {self.text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _execute(args: argparse.Namespace, design, settings) -> dict:
+    """Every task of the design, with a progress bar; the outcome of ``schedule.run_design``."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds) * len(weights), desc="reproduce", unit="run", disable=None if args.progress else True,
-               dynamic_ncols=True, file=sys.stderr)
-    bar.set_postfix_str(f"pretraining the LM ({settings.lm_steps} steps, text only)")
-    pool = _workers(jobs, threads)
-    try:
-        t_lm = time.perf_counter()
-        lm = pipeline.pretrain_lm(pipeline.pretrain_dir(out / "runs"), settings, data, args.data_seed)
-        lm = {"final_lm_loss": lm["final_lm_loss"], "seconds": time.perf_counter() - t_lm}
-        runs = _run_all(out / "runs", settings, data, seeds, weights, pool, threads, bar)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    bar.close()
+    from .schedule import run_design, tasks_of
 
-    report = build_report(runs)
-    # the same correlation through `regap-fast compare` (it reads each run's gap.json and safety.json)
-    cmp = compare([r["dir"] for r in runs], safety_metric="benchmark:" + pipeline.IMAGE_KIND)
-    write_compare(cmp, out / "compare")
-    seconds = time.perf_counter() - t0
-    summary = {"seconds": seconds, "runs": runs, "seeds": seeds, "regap_weights": weights,
-               "settings": settings.to_dict(), "data_seed": args.data_seed, "n_heldout_harmful": len(data.harmful),
-               "device": "cuda" if cuda else f"cpu ({cores} cores, {jobs} processes x {threads} threads)",
-               "pretrained_lm": lm, "report": report,
-               "compare": {"safety_metric": cmp["safety_metric"], "correlation": cmp["correlation"]},
-               "command": _command(args)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    text = stage2_note(settings) + "\n\n" + format_report(report, runs, len(data.harmful))
-    (out / "report.md").write_text(text + "\n")
-    plot_report(report, runs, out / "reproduce.png",
-                title=f"REGAP in miniature: {len(seeds)} seeds, stage 1 lambda "
-                      f"{' vs '.join(f'{w:g}' for w in weights)}")
-    print()
-    print(text)
-    print(f"\nwrote {out / 'summary.json'}, {out / 'report.md'}, {out / 'reproduce.png'}, {out / 'compare'} "
-          f"({seconds:.0f} s in all)")
+    out = Path(args.out)
+    n = len(tasks_of(design))
+    jobs, threads, device = _resources(args, n)
+    if args.fresh:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    print(f"regap-fast reproduce: {design.name}: {len(design.cells())} stage-1 models and {len(design.runs())} "
+          f"stage-2 runs ({len(design.arms)} arms, lambda {', '.join(f'{w:g}' for w in design.lambdas)}); {device}",
+          flush=True)
+    if args.progress and not sys.stderr.isatty():  # a log (a run in the background): a line per task
+        bar = _Lines(n)
+    else:
+        bar = tqdm(total=n, desc="reproduce", unit="task", disable=not args.progress, dynamic_ncols=True,
+                   file=sys.stderr)
+    try:
+        outcome = run_design(out, design, settings, jobs, threads, bar)
+    finally:
+        bar.close()
+    return {**outcome, "device": device, "jobs": jobs}
+
+
+def write_outputs(out: Path, outcome: dict, design, settings, meta: dict) -> tuple[list[Path], dict]:
+    """summary.json, report.md, the figures and the answer samples of a finished design; (paths, report)."""
+    from . import checks
+    from .answers import write_answers
+    from .figures import write_figures
+    from .markdown import format_report
+    from .report import Results, build_report
+
+    res = Results(design, outcome["cells"], outcome["finals"], outcome["missing"])
+    rows = outcome["cells"] + outcome["finals"]
+    other = meta.pop("check_against")
+    meta["checks"] = {"8.8.1 (the committed default run, RefusalJudge)":
+                      checks.committed_run(res, settings, checks.committed_reference()),
+                      "8.8.2 (the same runs in another output)":
+                      {"result": "made by the default and --quick runs against this output (their reports)"}
+                      if design.name == "study" and other is None else checks.same_as(rows, other)}
+    report = build_report(res)
+    summary = {"plan": meta["plan"], "design": design.to_dict(), "command": meta["command"], "seconds": meta["seconds"],
+               "device": meta["device"], "settings": settings.to_dict(), "lms": outcome["lms"],
+               "n_heldout_harmful": meta["n_harmful"], "n_heldout_benign": meta["n_benign"],
+               "reused": outcome["reused"], "checks": meta["checks"], "missing": outcome["missing"], "rows": rows,
+               "report": report}
+    paths = [out / "summary.json", out / "report.md"]
+    paths[0].write_text(json.dumps(summary, indent=1) + "\n")
+    paths[1].write_text(format_report(report, {**meta, "design": design, "base": settings}) + "\n")
+    paths += write_figures(out, report, res) + write_answers(out, res, meta["n_harmful"], meta["n_benign"])
+    return paths, report
+
+
+def _selection(args: argparse.Namespace) -> int:
+    from .selection import run_selection
+
+    seeds = args.seeds or SELECTION_SEEDS
+    first = args.first_seed or 0
+    jobs, threads, _ = _resources(args, seeds)
+    run_selection(Path(args.out), _settings(args), args.data_seed or 0, list(range(first, first + seeds)), jobs,
+                  threads, _command(args))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from .process import quiet
+    from .study import PLAN_VERSION
+
+    check_args(args)
+    quiet(None)
+    if args.select_stage2:
+        return _selection(args)
+    t0 = time.perf_counter()
+    design, settings, out = design_of(args), _settings(args), Path(args.out)
+    outcome = _execute(args, design, settings)
+    if args.timing_probe:
+        from .probe import format_projection, projection
+
+        p = projection(outcome, outcome["jobs"])
+        (out / "timing-probe.json").write_text(json.dumps({**p, "device": outcome["device"],
+                                                           "seconds": time.perf_counter() - t0}, indent=1) + "\n")
+        print(format_projection(p) + f"\nwrote {out / 'timing-probe.json'}")
+        return 0
+    data = outcome["cells"][0] if outcome["cells"] else None
+    meta = {"plan": PLAN_VERSION, "command": _command(args), "device": outcome["device"], "reused": outcome["reused"],
+            "n_harmful": data["harmful"]["text"]["n"] if data else 0, "n_benign": data["benign"]["text"]["n"] if data
+            else 0, "check_against": args.check_against, "seconds": time.perf_counter() - t0}
+    print("regap-fast reproduce: writing the report, figures and answer samples", flush=True)
+    from .markdown import headline
+
+    paths, report = write_outputs(out, outcome, design, settings, meta)
+    print("\n".join(headline(report, design)))
+    print(f"\nwrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.0f} s in all"
+          + (f"; {len(outcome['missing'])} runs missing: see report.md" if outcome["missing"] else "") + ")")
     return 0

@@ -1,44 +1,32 @@
-"""The runs of ``regap-fast reproduce``, each through the library's own parts.
+"""The parts of ``regap-fast reproduce``'s runs, each through the library's own parts.
 
-Once: the toy language, its tokenizer, the synthetic images (``prepare_data``), and the text-only
-pretraining of the tiny LM (``pretrain_lm``: ``regap_fast.train.train`` at stage 2 on text-only
-records, so the projector gets no signal and the LM learns the language, the captions and the
-refusal rule). That LM is the "safety-tuned LLM backbone" every run starts from, as one Vicuna is in
-the paper; ``--data-seed`` picks another.
+Once per data seed: the toy language, its tokenizer, the synthetic images (``prepare_data``), and
+the text-only pretraining of the tiny LM (``pretrain_lm``: ``regap_fast.train.train`` at stage 2 on
+text-only records, so the projector gets no signal and the LM learns the language, the captions and
+the refusal rule). That LM is the "safety-tuned LLM backbone" every run of the data seed starts
+from, as one Vicuna is in the paper.
 
-Per seed: a fresh vision tower and projector from the seed (``vlm_init``); the lambdas of a seed
-start from the same weights and see the same batches, so they differ only by REGAP. Per (seed,
-lambda), ``run_one``:
-
-1. stage 1: ``train`` with ``regap_weight = lambda`` on the synthetic image-caption pairs (projector
-   only; the fused REGAP ops inside the model's forward);
-2. stage 2: ``train`` from the stage-1 model, projector + LM (or LoRA adapters of the LM), on benign
-   image-conditioned instructions, with text-only records mixed in as LLaVA-665k mixes in ShareGPT
-   (by the settings: a replay of the LM's own text data, or benign requests); REGAP off (the
-   paper's regulariser is a pretraining one), and no image-conditioned safety data;
-3. measurements: ``regap_fast.eval.measure_gap`` of the stage-1 model (the pretraining gap, written
-   as the run's gap.json) and of the final model, and ``regap_fast.eval.evaluate`` (safety-eval's
-   generation, image conditions and ``RefusalJudge``) on the held-out harmful requests under text
-   only, a blank image, a noise image and a synthetic-set image: of the final model (the run's
-   safety.json) and of the stage-1 model (stage1/safety/); and the final model on held-out benign
-   requests (benign/: are they still answered?).
-
-Each run folder ends up with the ``gap.json`` and ``safety.json`` that ``regap-fast compare`` reads.
+Per model seed: a fresh vision tower and projector from the seed (``vlm_init``); the lambdas of a
+seed start from the same weights and see the same batches, so they differ only by REGAP. Then
+``stage1`` (``train`` with ``regap_weight = lambda`` on the image-caption pairs, projector only) and,
+from that one stage-1 model, each arm's ``stage2`` (projector + the LM's weights, LoRA adapters or
+the projector alone, on benign image-conditioned instructions with text-only records mixed in as
+LLaVA-665k mixes in ShareGPT; REGAP off unless the arm keeps it on). ``measure.py`` measures every
+model; ``schedule.py`` runs the tasks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("regap_fast.reproduce")
-
 # safety-eval condition names -> the summary's names
 CONDITIONS = {"none": "text", "white": "blank", "noise": "noise", "benchmark:image": "image"}
+CONDITION_NAMES = tuple(CONDITIONS.values())
+DESCRIPTIONS = {"text": "text only", "blank": "blank (white) image", "noise": "Gaussian-noise image",
+                "image": "synthetic-set image"}
 IMAGE_KIND = "image"  # the kind of "benchmark" image the prompts carry: a synthetic-set image
 
 
@@ -78,9 +66,10 @@ class Settings:
     stage2_text_data: str = "replay"  # replay: the LM's own text data; benign: benign requests only
     stage2_lora_rank: int = 0  # > 0: LoRA adapters of this rank on the LM (alpha = 2 x rank) instead of all weights
     stage2_projector_lr: float = 0.0  # > 0: the projector's peak lr in stage 2 (stage2_lr: the LM's); 0: stage2_lr
+    stage2_train_lm: bool = True  # False: stage 2 trains the projector alone, the LM stays as pretrained
+    stage2_regap: bool = False  # True: REGAP stays on in stage 2, at the run's stage-1 lambda
     # evaluation
     max_new_tokens: int = 16
-    eval_stage1: bool = True  # also evaluate the stage-1 model (before instruction tuning)
     eval_batch: int = 256  # every held-out request of a condition in one batch
     num_workers: int = 0
 
@@ -240,100 +229,41 @@ def stage1(out: Path, base_model: Path, s: Settings, data: Data, seed: int, weig
                              micro_batch_size=s.stage1_batch, lr=s.stage1_lr, regap_weight=weight))
 
 
-def stage2(out: Path, stage1_model: Path, s: Settings, data: Data, seed: int) -> dict:
+# LoRA in stage 2: alpha = 2 x rank (LLaVA-1.5's 256 / 128), dropout 0.05; the trainer puts the adapters on
+# peft's "all-linear" (every linear layer of the LM's blocks: not lm_head, not the embeddings)
+LORA = {"alpha_over_rank": 2, "dropout": 0.05, "target_modules": "all-linear"}
+
+
+def stage2(out: Path, stage1_model: Path, s: Settings, data: Data, seed: int, weight: float) -> dict:
+    """Instruction tuning from the stage-1 model, as the settings' arm says: what trains (the LM's weights,
+    LoRA adapters of it, or the projector alone), the learning rates, and REGAP (off, or at the run's
+    stage-1 lambda ``weight``)."""
     from ..train import TrainConfig, train
 
     rank = s.stage2_lora_rank
-    lora = dict(lora=True, lora_rank=rank, lora_alpha=2 * rank) if rank else {}  # alpha / rank = 2 at any rank
+    lora = dict(lora=True, lora_rank=rank, lora_alpha=LORA["alpha_over_rank"] * rank,
+                lora_dropout=LORA["dropout"]) if rank else {}
     return train(TrainConfig(**_common(s, seed), model=str(stage1_model), out=str(out), data=str(data.stage2),
                              image_folder=str(data.shapes.parent), stage=2, max_steps=s.stage2_steps,
                              global_batch_size=s.stage2_batch, micro_batch_size=s.stage2_batch, lr=s.stage2_lr,
-                             mm_projector_lr=s.stage2_projector_lr or None, regap_weight=0.0, **lora))
+                             mm_projector_lr=s.stage2_projector_lr or None, train_lm=s.stage2_train_lm,
+                             regap_weight=weight if s.stage2_regap else 0.0, **lora))
 
 
 # --------------------------------------------------------------------------------------------------
-# measurements, through regap_fast.eval
+# where each run keeps its files
 # --------------------------------------------------------------------------------------------------
 
 
-def _rates(report: dict) -> dict:
-    return {name: report["unsafe_rate"][c]["rate"] for c, name in CONDITIONS.items() if c in report["unsafe_rate"]}
+def lm_dir(root: Path, data_seed: int) -> Path:
+    return root / f"data{data_seed}" / "lm"
 
 
-def measure(run_dir: Path, stage1_model: Path, final_model: Path, s: Settings, data: Data, seed: int) -> dict:
-    """gap.json (the stage-1 model's gap: what REGAP acts on), safety.json (the final model's unsafe
-    rates: ``regap-fast compare`` reads the two), the same safety evaluation of the stage-1 model
-    (stage1/safety.json), and the benign control (benign/safety.json: are benign requests still answered?)."""
-    import torch
-
-    from ..eval import RefusalJudge, evaluate, load_pairs, measure_gap, write_gap
-    from ..model import load_model
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pairs = load_pairs(data.eval_pairs)
-    judge = RefusalJudge()
-    kw = dict(max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch, seed=seed, progress=False)
-    vlm = load_model(stage1_model, device=device)
-    gap = measure_gap(vlm, pairs, batch_size=s.eval_batch, per_layer=False, progress=False)
-    gap["model"] = str(stage1_model)
-    write_gap(gap, run_dir)
-    after_stage1 = evaluate(vlm, data.harmful, list(CONDITIONS), judge, out_dir=stage1_model.parent / "safety",
-                            model_name=str(stage1_model), **kw) if s.eval_stage1 else None
-    del vlm
-    final = load_model(final_model, device=device)
-    final_gap = measure_gap(final, pairs, batch_size=s.eval_batch, per_layer=False, progress=False)
-    report, benign = final_safety(final, run_dir, s, data, seed, str(final_model))
-    return {"gap": gap, "final_model_gap": final_gap["gap"]["mean"], "safety": report, "benign": benign,
-            "after_stage1": after_stage1}
+def cell_dir(root: Path, data_seed: int, seed: int, weight: float) -> Path:
+    """A cell's folder: init/, stage1/ (its model), eval/ (the stage-1 model's measurements), arms/."""
+    return root / f"data{data_seed}" / f"seed{seed}" / f"lambda{weight:g}"
 
 
-def final_safety(vlm, run_dir: Path, s: Settings, data: Data, seed: int, name: str) -> tuple[dict, dict]:
-    """The held-out harmful requests under every condition (run_dir/safety.json), and the held-out benign
-    ones text only and with an image (run_dir/benign/safety.json: are they still answered?)."""
-    from ..eval import RefusalJudge, evaluate
-
-    judge = RefusalJudge()
-    kw = dict(max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch, seed=seed, progress=False, model_name=name)
-    harmful = evaluate(vlm, data.harmful, list(CONDITIONS), judge, out_dir=run_dir, **kw)
-    benign = evaluate(vlm, data.benign, ["none", "benchmark:" + IMAGE_KIND], judge, out_dir=run_dir / "benign", **kw)
-    return harmful, benign
-
-
-def run_one(run_dir: Path, lm_model: Path, s: Settings, data: Data, seed: int, weight: float) -> dict:
-    """One (seed, lambda): stage 1 from the pretrained LM with the seed's fresh vision tower and
-    projector, stage 2, the measurements. Returns its row of the summary."""
-    shutil.rmtree(run_dir, ignore_errors=True)
-    init = vlm_init(run_dir / "init", lm_model, s, seed)
-    s1 = stage1(run_dir / "stage1", init, s, data, seed, weight)
-    s2 = stage2(run_dir / "stage2", run_dir / "stage1" / "model", s, data, seed)
-    m = measure(run_dir, run_dir / "stage1" / "model", run_dir / "stage2" / "model", s, data, seed)
-    rates = m["safety"]["unsafe_rate"]
-    row = {
-        "seed": seed, "regap_weight": weight,
-        "final_gap": m["gap"]["gap"]["mean"],
-        "final_lm_loss": s1["final_lm_loss"],
-        "unsafe_rate": _rates(m["safety"]),
-        "unsafe": {name: rates[c]["unsafe"] for c, name in CONDITIONS.items()},
-        "n": {name: rates[c]["n"] for c, name in CONDITIONS.items()},
-        "stage1": {k: s1.get(k) for k in ("initial_gap", "final_gap", "initial_lm_loss", "final_lm_loss",
-                                          "train_seconds")},
-        "stage2": {k: s2.get(k) for k in ("initial_lm_loss", "final_lm_loss", "train_seconds")},
-        "final_model_gap": m["final_model_gap"],
-        "benign_answer_rate": {CONDITIONS[c]: r["rate"] for c, r in m["benign"]["unsafe_rate"].items()},
-        "dir": str(run_dir),
-    }
-    if m["after_stage1"] is not None:  # the same measurement before instruction tuning
-        a = m["after_stage1"]["unsafe_rate"]
-        row["after_stage1"] = {"unsafe_rate": _rates(m["after_stage1"]),
-                               "unsafe": {name: a[c]["unsafe"] for c, name in CONDITIONS.items()},
-                               "n": {name: a[c]["n"] for c, name in CONDITIONS.items()}}
-    return row
-
-
-def pretrain_dir(root: Path) -> Path:
-    return root / "lm"
-
-
-def run_dir(root: Path, seed: int, weight: float) -> Path:
-    return root / f"seed{seed}" / f"lambda{weight:g}"
-
+def arm_dir(cell: Path, arm: str) -> Path:
+    """An arm's stage 2 from the cell's stage-1 model: stage2/ (training records), eval/ (the final model's)."""
+    return cell / "arms" / arm

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..eval.stats import wilson_interval
 from . import pipeline
-from .report import CONDITION_NAMES, DESCRIPTIONS
+from .pipeline import CONDITION_NAMES, DESCRIPTIONS
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,6 @@ ADDED_LATER = {"lr-2e-3-replay-1%": 6, "lr-2e-3-image-only": 6, "requests-only-r
 # a candidate's stage 2 where it names no value (half the image records requests, half image questions)
 NEUTRAL = dict(stage2_steps=64, stage2_lr=2e-3, stage2_projector_lr=0.0, stage2_request_share=0.5,
                stage2_text_share=0.0, stage2_text_data="replay", stage2_lora_rank=0)
-DEFAULT_CHOSEN_BY = "criterion"  # how the committed screening chose the default: "criterion" or "fallback"
 STAGE2_FIELDS = ("stage2_steps", "stage2_lr", "stage2_projector_lr", "stage2_request_share", "stage2_text_share",
                  "stage2_text_data", "stage2_lora_rank")
 
@@ -104,7 +103,10 @@ def describe_stage2(s: pipeline.Settings) -> str:
     parts = [f"{s.stage2_steps} steps", f"lr {s.stage2_lr:g}"]
     if s.stage2_projector_lr:
         parts[-1] = f"LM lr {s.stage2_lr:g}, projector lr {s.stage2_projector_lr:g}"
-    parts.append(f"LoRA rank {s.stage2_lora_rank}" if s.stage2_lora_rank else "all LM weights")
+    if not s.stage2_train_lm:
+        parts.append("projector only (the LM frozen)")
+    else:
+        parts.append(f"LoRA rank {s.stage2_lora_rank}" if s.stage2_lora_rank else "all LM weights")
     if s.stage2_request_share != NEUTRAL["stage2_request_share"]:
         parts.append(f"{100 * s.stage2_request_share:g}% of the image records requests")
     if s.stage2_text_share:
@@ -112,6 +114,8 @@ def describe_stage2(s: pipeline.Settings) -> str:
         parts.append(f"{100 * s.stage2_text_share:g}% text-only ({what})")
     else:
         parts.append("image instructions only")
+    if s.stage2_regap:
+        parts.append("REGAP on at the run's stage-1 lambda")
     return ", ".join(parts)
 
 
@@ -124,10 +128,12 @@ def screen(root: str, lm_model: str, candidate: tuple, seed: int, threads: int |
     """One candidate on one seed: the seed's baseline stage 1 (once, shared by the candidates), the
     candidate's stage 2 and measurements. A row already on disk (an interrupted screening) is reused:
     every run is deterministic."""
+    from ..eval import RefusalJudge
     from ..model import load_model
-    from . import _quiet
+    from .measure import safety
+    from .process import quiet
 
-    _quiet(threads)
+    quiet(threads)
     name, s, data = candidate
     seed_dir = Path(root) / f"seed{seed}"
     stage1_model = seed_dir / "stage1" / "model"
@@ -141,9 +147,9 @@ def screen(root: str, lm_model: str, candidate: tuple, seed: int, threads: int |
         return json.loads(row_file.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    s2 = pipeline.stage2(run_dir / "stage2", stage1_model, s, data, seed)
-    harmful, benign = pipeline.final_safety(load_model(run_dir / "stage2" / "model", device="cpu"), run_dir, s,
-                                            data, seed, name)
+    s2 = pipeline.stage2(run_dir / "stage2", stage1_model, s, data, seed, 0.0)
+    harmful, benign = safety(load_model(run_dir / "stage2" / "model", device="cpu"), run_dir, s, data, seed, name,
+                             RefusalJudge(), ["none", "benchmark:" + pipeline.IMAGE_KIND])
     rates = harmful["unsafe_rate"]
     row = {"candidate": name, "seed": seed,
            "unsafe": {n: rates[c]["unsafe"] for c, n in pipeline.CONDITIONS.items()},
@@ -265,7 +271,7 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
         candidates.append((name, s, dataclasses.replace(data, stage2=pipeline.write_stage2_data(data.root, s,
                                                                                                  data_seed))))
     root = out / "runs"
-    lm_dir = pipeline.pretrain_dir(root)
+    lm_dir = pipeline.lm_dir(root, data_seed)
     if not (lm_dir / "model" / "config.json").is_file():
         pipeline.pretrain_lm(lm_dir, settings, data, data_seed)
     rows, table = [], []
@@ -288,17 +294,3 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
     print(text)
     return summary
 
-
-def stage2_note(s: pipeline.Settings) -> str:
-    """What the report says about its stage 2: the setting, and for the default how it was chosen."""
-    note = f"Stage 2 of these runs: {describe_stage2(s)}."
-    default = pipeline.Settings()
-    if all(getattr(s, k) == getattr(default, k) for k in STAGE2_FIELDS + ("stage2_batch",)):
-        how = ("it is the first in the screening order that meets it" if DEFAULT_CHOSEN_BY == "criterion" else
-               "no candidate met it on the screening seeds, and by the fallback rule fixed with it (drop the floor on "
-               "the unsafe rate with an image, take the highest such rate) it is this one")
-        note += (" This is the default stage 2, selected on the baseline (lambda 0) arm alone, before REGAP was run "
-                 f"with it, by a criterion fixed beforehand: {CRITERION.describe()}; {how}. Every setting tried, "
-                 "with its baseline numbers: docs/reproduce/stage2-selection/ (`regap-fast reproduce "
-                 "--select-stage2`).")
-    return note

@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any moment, and resume to the same result.
 
     OUT/checkpoints/step-00000500/trainable.safetensors   the trained weights (frozen ones come from the source)
-                                  train_state.pt           optimizer, scheduler, step, RNG of every rank, counters
+                                  train_state.pt           optimizer, scheduler, step, RNG of every rank, Counters
                                   config.json              the run's settings (a resumed run keeps its schedule)
 
 A checkpoint is written into a hidden temporary folder, flushed to disk, then renamed: a folder named
@@ -15,24 +15,35 @@ on 1, and the other way round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from .layout import CONFIG, STATE, STEP_DIR, WEIGHTS, latest_checkpoint, readable_like_other_outputs  # noqa: F401
+from ..model.checkpoints import write_safetensors
+from .layout import CONFIG, STATE, STEP_DIR, WEIGHTS
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """What the loop counts, kept in each checkpoint so that a resumed run goes on counting."""
+    skipped: int = 0  # bad records skipped when drawn
+    train_seconds: float = 0.0
+    initial_eval: Optional[dict] = None  # the held-out eval_lm_loss and eval_gap before the first step
 
 
 def _distributed() -> bool:
@@ -67,9 +78,10 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict,
-                    keep: int = 2, config: Optional[dict] = None) -> Optional[Path]:
-    """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the folder."""
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, scheduler,
+                    counters: Counters, *, config: dict, keep: int = 2) -> Optional[Path]:
+    """Collective under torch.distributed (every rank calls it); rank 0 writes. Returns the folder (None on
+    the other ranks). ``config``: the run's settings, which a resumed run keeps."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     weights = get_model_state_dict(model, options=opts)
     optim = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -84,12 +96,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         tmp = folder / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        readable_like_other_outputs(tmp / WEIGHTS)
-        if config is not None:
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+        write_safetensors({k: v.contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
         torch.save({"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rngs,
-                    "extra": extra}, tmp / STATE)
+                    "counters": dataclasses.asdict(counters)}, tmp / STATE)
         _fsync_tree(tmp)
         if final.exists():  # the same step written again (e.g. a resumed run's last step): replace it
             shutil.rmtree(final)
@@ -103,8 +113,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     return final
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore weights, optimizer, scheduler and this rank's RNG; returns (step, extra)."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, Counters]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; returns (step, counters)."""
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (needs {WEIGHTS} and {STATE})")
@@ -124,4 +134,4 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, schedul
     if len(rngs) != (dist.get_world_size() if _distributed() else 1):
         log.warning("resuming on a different number of processes than %d: random streams will differ", len(rngs))
     set_rng_state(rngs[rank % len(rngs)])
-    return int(state["step"]), state["extra"]
+    return int(state["step"]), Counters(**state["counters"])

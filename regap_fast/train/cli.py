@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(Path(cfg.out), cfg.overwrite, cfg.resume)
     setup_logging()
     plan = preflight(cfg)  # every mistake that can be found is found here, before the loop (and torch) loads
-    from .loop import format_summary, train
+    from .loop import train
+    from .report import format_summary
 
     summary = train(plan.cfg, plan=plan)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 def interrupted(args: argparse.Namespace) -> str:
     """After Ctrl-C: the last complete checkpoint, and the exact command that goes on from it."""
-    from .checkpoint import latest_checkpoint
+    from .layout import latest_checkpoint
 
     last = latest_checkpoint(args.out) if args.out else None
     if last is None:

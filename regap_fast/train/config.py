@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..flags import add_aliases
 from .recipes import RECIPES, get_recipe
 
 VISION_CHOICES = "none, latter-half, all, or K (the blocks from K on; negative: from the end)"
@@ -198,9 +199,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-GROUPS = {"model": "model", "data": "data", "training": "training", "output": "output"}
-
-
 EXPLICIT = "_explicit_config_fields"  # where the parsed namespace keeps the flags given on the command line
 
 
@@ -252,13 +250,18 @@ def flag_aliases(name: str, is_bool: bool = False) -> tuple[str, ...]:
     return tuple(dict.fromkeys(underscore + ALIASES.get(name, ())))
 
 
+def flag_fields() -> list[dataclasses.Field]:
+    """The TrainConfig fields that are command-line flags (all but ``recipe_overrides``)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[dict] = None) -> None:
     """One flag per TrainConfig field (``--global-batch-size``, ``--lora/--no-lora``, ...), with its aliases."""
     hints = typing.get_type_hints(TrainConfig)
-    groups = {g: parser.add_argument_group(g) for g in GROUPS}
-    for f in dataclasses.fields(TrainConfig):
-        if not f.metadata.get("cli", True):
-            continue
+    fields = flag_fields()
+    # the help's sections, in the order the fields first name them: model, data, training, output
+    groups = {g: parser.add_argument_group(g) for g in dict.fromkeys(f.metadata["group"] for f in fields)}
+    for f in fields:
         default = (defaults or {}).get(f.name, f.default)
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
@@ -272,11 +275,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: Optional[dic
             metavar = None if f.metadata["choices"] else (f.metadata["metavar"] or base.__name__.upper())
             action = group.add_argument(flag, *aliases, dest=f.name, action=_Store, type=base, default=default,
                                         choices=f.metadata["choices"], help=help_text, metavar=metavar)
-        action.hidden_aliases = aliases
+        add_aliases(action, *aliases)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of the parsed flags: with ``--recipe``, its settings where no flag was given."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
+    values = {f.name: getattr(args, f.name) for f in flag_fields()}
     values["recipe_overrides"] = tuple(sorted(getattr(args, EXPLICIT, ())))
     return TrainConfig(**values).check()

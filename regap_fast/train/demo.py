@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..flags import add_aliases, add_progress_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli import add_aliases, add_progress_argument
-
     add_aliases(parser.add_argument("--out", "--output_dir", default="runs/demo", metavar="DIR",
                                     help="output folder (a previous demo's is reused; another non-empty folder "
                                          "needs --overwrite)"), "--output_dir")
@@ -93,9 +93,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[1/3] the 'pretrained' LM ({args.arch}): {args.lm_steps} steps on the captions alone", flush=True)
     lm = train(TrainConfig(**{**common, "data": str(caption_only_records(data))}, out=str(out / "base"), stage=2,
-                           arch=args.arch,
-                      prompt_format="plain", max_steps=args.lm_steps, global_batch_size=64, micro_batch_size=64,
-                      lr=3e-3, regap_weight=0.0, eval_every=0))
+                           arch=args.arch, prompt_format="plain", max_steps=args.lm_steps, global_batch_size=64,
+                           micro_batch_size=64, lr=3e-3, regap_weight=0.0, eval_every=0))
     runs = []
     for i, weight in enumerate((0.0, args.regap_weight)):
         print(f"[{i + 2}/3] stage 1, lambda = {weight:g}: {args.steps} steps x {args.batch_size} samples", flush=True)

@@ -5,25 +5,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Optional
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHTS, STATE, CONFIG = "trainable.safetensors", "train_state.pt", "config.json"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def readable_like_other_outputs(path: str | Path) -> None:
-    """safetensors writes its files 0600 (through a private temporary file); give them the mode every
-    other output gets (0666 less the umask: usually 0644)."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def latest_checkpoint(out_dir: str | Path) -> Optional[Path]:

@@ -1,5 +1,5 @@
-"""The model side of a training run: build or load it, choose what trains, wrap it for DDP/FSDP, and
-find out which attention kernel runs."""
+"""The model side of a training run: build or load it, choose what trains, wrap it for DDP/FSDP, find
+out which attention kernel runs, and export the trained model at the end."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ import contextlib
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from ..model import VisionLanguageModel, load_model
+from ..model import COMPONENTS, ModelConfig, VisionLanguageModel, load_model
 from .config import TrainConfig
+from .dist import Dist
 from .errors import RunError
-from .layout import readable_like_other_outputs
-
-if TYPE_CHECKING:
-    from .loop import Dist
 
 log = logging.getLogger("regap_fast.train")
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_mask", "labels", "caption_mask")
+
+
+def model_inputs(batch: dict, device: torch.device) -> dict:
+    """The tensors of a Collator batch that the model takes, on ``device``."""
+    return {k: (batch[k].to(device, non_blocking=True) if batch[k] is not None else None) for k in MODEL_INPUTS}
 
 
 def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: torch.dtype) -> VisionLanguageModel:
@@ -32,8 +33,6 @@ def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: tor
     memory per process, not 28); ``setup_stage`` makes the trained parts fp32. A config-built model is
     saved to OUT/initial_model on a fresh start and read back on resume, so its frozen weights never
     depend on re-running a random init."""
-    from ..model import ModelConfig
-
     torch.manual_seed(cfg.seed)  # the same init on every rank
     mcfg = ModelConfig(arch=cfg.arch, vision_feature_layer=cfg.vision_feature_layer,
                        attn_implementation=cfg.attn_implementation, projector_backend=cfg.projector_backend,
@@ -59,8 +58,6 @@ def build_model(cfg: TrainConfig, out: Path, d: Dist, resuming: bool, dtype: tor
             vlm.load_projector_weights(cfg.projector_weights)
         if d.main:
             vlm.save_pretrained(out / "initial_model")
-            for weights in (out / "initial_model").glob("*.safetensors"):
-                readable_like_other_outputs(weights)
     vlm.set_attn_implementation(cfg.attn_implementation)
     return vlm
 
@@ -134,7 +131,7 @@ def _ranges(indices) -> str:
 def describe_trainable(vlm: VisionLanguageModel) -> str:
     """Which parameters train, per component: 'all' or the blocks (and LoRA adapters), with counts."""
     parts = []
-    for comp in ("vision_tower", "projector", "language_model"):
+    for comp in COMPONENTS:
         named = list(getattr(vlm, comp).named_parameters())
         total = sum(p.numel() for _, p in named)
         trained = [(n, p) for n, p in named if p.requires_grad]
@@ -203,3 +200,19 @@ def attention_context(vlm: VisionLanguageModel, batch: dict, d: Dist, bf16: bool
     return flash, "sdpa with its FlashAttention-2 kernel (bf16, no mask)"
 
 
+def export_model(vlm: VisionLanguageModel, cfg: TrainConfig, path: Path, d: Dist) -> None:
+    """The trained model in load_model's format. Frozen parts that came from a folder are not copied."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = None
+    if cfg.fsdp:  # a collective: every rank takes part, rank 0 gets the full weights
+        state = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return
+    vlm.merge_lora()
+    trained = {"projector"} | ({"language_model"} if cfg.lm_trainable() else set())
+    if vlm.config.vision_path is None or any(p.requires_grad for p in vlm.vision_tower.parameters()):
+        trained.add("vision_tower")
+    if vlm.config.lm_path is None:
+        trained.add("language_model")
+    vlm.save_pretrained(path, components=[c for c in COMPONENTS if c in trained], state_dict=state)

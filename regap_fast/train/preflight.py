@@ -92,18 +92,15 @@ def find_checkpoint(cfg: TrainConfig, out: Path) -> Optional[Path]:
             log.info("--resume auto: no checkpoint in %s yet, starting from step 0", out)
         return found
     path = Path(cfg.resume)
-    if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
-        raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (one holds {WEIGHTS} and "
-                                f"{STATE}; they are under OUT/checkpoints/step-*)")
+    if not all((path / name).is_file() for name in (WEIGHTS, STATE, CONFIG)):
+        raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (one holds {WEIGHTS}, {STATE} "
+                                f"and {CONFIG}; they are under OUT/checkpoints/step-*)")
     return path
 
 
 def adopt_checkpoint_settings(cfg: TrainConfig, checkpoint: Path) -> TrainConfig:
     """The config with the checkpoint's trajectory settings, and a warning for each flag that differed."""
-    saved_path = checkpoint / CONFIG
-    if not saved_path.is_file():  # written by an older version: nothing to compare with
-        return cfg
-    saved = json.loads(saved_path.read_text())
+    saved = json.loads((checkpoint / CONFIG).read_text())
     changed = {}
     for name in TRAJECTORY_FIELDS:
         if name in saved and saved[name] != getattr(cfg, name):

@@ -21,7 +21,7 @@ from PIL import Image
 from regap_fast.cli import main
 from regap_fast.data import synthetic
 from regap_fast.train import TrainConfig, train
-from regap_fast.train.checkpoint import latest_checkpoint
+from regap_fast.train.layout import latest_checkpoint
 from regap_fast.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,7 +189,7 @@ def test_four_records_train(tmp_path, tiny_set, capsys, eval_samples):
 def test_a_bad_held_out_record_is_dropped_not_fatal(tmp_path, tiny_set):
     """The held-out set of a tiny set is one record: its bad image must not stop the run."""
     records = json.loads(tiny_set.read_text())
-    from regap_fast.train.loop import split_records
+    from regap_fast.train.data_setup import split_records
 
     cfg = TrainConfig(data=str(tiny_set), eval_samples=1)
     _, (held,) = split_records(records, cfg)
@@ -358,6 +358,21 @@ def test_info_says_yes_or_no_for_every_backend(capsys):
     for name, status in backends.available().items():
         line = next(x for x in out.splitlines() if x.split() and x.split()[0] == name)
         assert line.split()[1] == ("yes" if status in ("", "yes") else "no"), line
+
+
+def test_info_extension_line_says_what_backends_found():
+    """The line repeats ``extension_info``'s verdict for this GPU; it does not judge architectures itself."""
+    from regap_fast.cli import extension_line
+
+    assert extension_line({"built": False, "archs": [], "gpu": None, "gpu_supported": None,
+                           "reason": "No module named 'regap_fast._C'"}) == \
+        "CUDA extension regap_fast._C: not built (No module named 'regap_fast._C')"
+    built = {"built": True, "archs": ["sm_80", "sm_90"], "reason": ""}
+    assert extension_line({**built, "gpu": None, "gpu_supported": None}) == \
+        "CUDA extension regap_fast._C: built for sm_80, sm_90"
+    # sm_86 is in neither list, but sm_80's SASS runs on it: the verdict is backends'
+    assert extension_line({**built, "gpu": "sm_86", "gpu_supported": True}).endswith("; this GPU (sm_86): yes")
+    assert extension_line({**built, "gpu": "sm_75", "gpu_supported": False}).endswith("; this GPU (sm_75): no")
 
 
 def test_warnings_are_one_line(tmp_path, capsys):

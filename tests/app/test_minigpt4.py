@@ -1,4 +1,4 @@
-"""MiniGPT-4: FusedLinearProjector (beyond tests/test_projector.py), the BLIP-2 vision side, the <Img> splice,
+"""MiniGPT-4 (the projector op itself: tests/ops/test_linear_projector.py): the BLIP-2 vision side, the <Img> splice,
 save/load, loading from BLIP-2 / MiniGPT-4 checkpoints, and the eval commands on a tiny MiniGPT-4-style model."""
 
 import json
@@ -9,15 +9,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import regap_fast
-from regap_fast import FusedLinearProjector, masked_mean_reference
+from regap_fast import FusedLinearProjector
 from regap_fast.data import IGNORE_INDEX, Collator
 from regap_fast.model import TINY_BLIP2, ModelConfig, VisionLanguageModel, load_model, qformer_tower_class
-from regap_fast.projector import projector_state_dict
 
-from helpers import (DEVICE, TINY_TEXT, all_backend_params, blip2_config, check_projector, images,
-                     projector_inputs, random_mask, rel_err)
+from helpers import TINY_TEXT, blip2_config, images, tiny_blip2_generation
 
-BACKENDS = all_backend_params("projector")
 
 @pytest.fixture(scope="module")
 def vlm():
@@ -38,127 +35,6 @@ def batch_of(vlm, texts, fmt="plain"):
         ex["pixel_values"] = vlm.image_transform(images(1, seed=i)[0])
         exs.append(ex)
     return Collator(vlm.tokenizer.pad_token_id)(exs)
-
-
-# --------------------------------------------------------------------------------------------------
-# FusedLinearProjector: what tests/test_projector.py does not already cover
-# --------------------------------------------------------------------------------------------------
-
-
-def test_linear_projector_float64_exact():
-    proj = FusedLinearProjector(10, 14).to(DEVICE).double()
-    x, ids, table, im, tm = projector_inputs(3, 6, 4, 10, 14, 30, torch.float64, True)
-    check_projector(proj, x, ids, table, im, tm, "torch", tol_out=1e-13, tol_grad=1e-12)
-
-
-# odd sizes: Ni = 1, D and Dv primes, B not a power of two; Ni = 32 (MiniGPT-4's query tokens)
-ODD = [(5, 13, 3, 7, 11), (2, 1, 2, 3, 5), (3, 32, 9, 17, 29)]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", ODD)
-@pytest.mark.parametrize("squared", [False, True])
-def test_linear_projector_odd_sizes(backend, size, squared):
-    B, Ni, Nt, Dv, D = size
-    proj = FusedLinearProjector(Dv, D).to(DEVICE)
-    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 40, torch.float32, True)
-    if B > 2:
-        im[1] = False  # a sample with no valid image token: counted out, no gradient
-    check_projector(proj, x, ids, table, im, tm, backend, tol_out=3e-6, tol_grad=3e-5, squared=squared)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_projector_fp16(backend, bias):
-    B, Ni, Nt, Dv, D = 3, 32, 7, 24, 40
-    proj = FusedLinearProjector(Dv, D, bias=bias).to(DEVICE).half()
-    x, ids, table, im, tm = projector_inputs(B, Ni, Nt, Dv, D, 40, torch.float16, True)
-    check_projector(proj, x, ids, table, im, tm, backend, tol_out=2e-3, tol_grad=8e-3)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_projector_pooled_output_and_its_gradients(backend):
-    """return_pooled: outputs exactly nn.Linear's; pooled = masked mean of the outputs (fp32), computed as
-    masked_mean(x) @ W^T + b; the gradients of W, b and x through the pooled output match autograd
-    through the materialised outputs."""
-    torch.manual_seed(0)
-    proj = FusedLinearProjector(16, 24, backend=backend).to(DEVICE)
-    lin = torch.nn.Linear(16, 24).to(DEVICE)
-    lin.load_state_dict(proj.state_dict())
-    x = torch.randn(4, 11, 16, device=DEVICE, requires_grad=True)
-    im = random_mask(4, 11, DEVICE, empty_rows=(2,))
-    out, pooled = proj(x, im, return_pooled=True)
-    torch.testing.assert_close(out, lin(x), rtol=0, atol=0)
-    assert pooled.dtype == torch.float32 and pooled.shape == (4, 24)
-    expect = masked_mean_reference(lin(x).double(), im)
-    assert rel_err(pooled[[0, 1, 3]], expect[[0, 1, 3]]) < 1e-6
-    torch.testing.assert_close(pooled[2], proj.bias.float())  # mean of nothing: 0 @ W^T + b
-    w = torch.randn(4, 24, device=DEVICE)
-    w[2] = 0  # (the empty row's pooled value is a convention, not a mean: leave it out of the loss)
-    probe = torch.randn(4, 11, 24, device=DEVICE)
-    params = [proj.weight, proj.bias, x]
-    got = torch.autograd.grad((pooled * w).sum() + (out * probe).sum(), params)
-    ref_out = F.linear(x, proj.weight, proj.bias)
-    ref_pooled = masked_mean_reference(ref_out, im).float()
-    want = torch.autograd.grad((ref_pooled * w).sum() + (ref_out * probe).sum(), params)
-    for name, g, r in zip(("weight", "bias", "x"), got, want):
-        assert rel_err(g, r) < 1e-5, name
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_projector_under_autocast(backend):
-    proj = FusedLinearProjector(16, 32, backend=backend).to(DEVICE)
-    x = torch.randn(2, 9, 16, device=DEVICE)
-    with torch.autocast(DEVICE.type, dtype=torch.float16):
-        out, pooled = proj(x, return_pooled=True)
-        plain = proj(x)
-    assert out.dtype == plain.dtype == torch.float16 and pooled.dtype == torch.float32
-    assert rel_err(pooled, masked_mean_reference(plain.double(), None)) < 2e-3
-    (pooled.sum() + out.float().sum()).backward()
-    assert proj.weight.grad.dtype == torch.float32 and torch.isfinite(proj.weight.grad).all()
-
-
-def _tiny_blip2_generation(text_config=TINY_TEXT, vocab=None):
-    from transformers import AutoConfig, Blip2Config, Blip2ForConditionalGeneration
-
-    b = blip2_config()
-    t = dict(text_config, vocab_size=vocab or 64)
-    cfg = Blip2Config(vision_config=b["vision_config"], qformer_config=b["qformer_config"],
-                      text_config=AutoConfig.for_model(t.pop("model_type"), **t).to_dict(),
-                      num_query_tokens=b["num_query_tokens"])
-    model = Blip2ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # transformers zeroes the query tokens at init; make them tell apart
-        model.query_tokens.normal_(std=0.5)
-    return model
-
-
-def test_state_dict_round_trip_with_blip2_language_projection():
-    """BLIP-2's language_projection (Blip2ForConditionalGeneration, tiny config) <-> FusedLinearProjector."""
-    torch.manual_seed(0)
-    blip2 = _tiny_blip2_generation()
-    hf = blip2.language_projection
-    ours = FusedLinearProjector(hf.in_features, hf.out_features)
-    ours.load_state_dict(projector_state_dict(blip2.state_dict()))  # the prefix found and stripped
-    x = torch.randn(2, 3, hf.in_features)
-    torch.testing.assert_close(ours(x), hf(x), rtol=0, atol=0)
-    with torch.no_grad():
-        ours.weight.mul_(2)
-    hf.load_state_dict(ours.state_dict())  # and back
-    torch.testing.assert_close(hf(x), ours(x), rtol=0, atol=0)
-    assert set(ours.state_dict()) == {"weight", "bias"}
-
-
-def test_projector_state_dict_finds_the_known_prefixes():
-    w, b = torch.randn(4, 3), torch.randn(4)
-    assert set(projector_state_dict({"llama_proj.weight": w, "llama_proj.bias": b, "other.x": w})) == {"weight", "bias"}
-    sd = projector_state_dict({"model.mm_projector.0.weight": w, "model.mm_projector.2.bias": b,
-                               "model.layers.0.weight": w})
-    assert set(sd) == {"0.weight", "2.bias"}
-    assert projector_state_dict({"module.language_projection.weight": w})["weight"] is w
-    with pytest.raises(KeyError, match="no projector weights"):
-        projector_state_dict({"encoder.weight": w})
-    with pytest.raises(KeyError, match="several projectors"):
-        projector_state_dict({"a.llama_proj.weight": w, "b.llama_proj.weight": w})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +165,7 @@ def test_from_blip2_folder_and_minigpt4_checkpoint(tmp_path):
 
     tok = synthetic.default_tokenizer()
     torch.manual_seed(3)
-    blip2 = _tiny_blip2_generation(vocab=len(tok))
+    blip2 = tiny_blip2_generation(vocab=len(tok))
     blip2.save_pretrained(tmp_path / "blip2")
     (tmp_path / "blip2" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
                                                                              "image_std": [0.25] * 3}))
@@ -327,7 +203,7 @@ def test_from_blip2_folder_and_minigpt4_checkpoint(tmp_path):
 def test_qformer_tower_loads_only_the_vision_side(tmp_path):
     """from_pretrained on a BLIP-2 folder reads vision_model.*, query_tokens, qformer.*; nothing is missing."""
     torch.manual_seed(4)
-    blip2 = _tiny_blip2_generation()
+    blip2 = tiny_blip2_generation()
     blip2.save_pretrained(tmp_path / "b")
     tower, info = qformer_tower_class().from_pretrained(tmp_path / "b", output_loading_info=True)
     assert not info["missing_keys"]

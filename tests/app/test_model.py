@@ -137,7 +137,7 @@ def test_lambda_zero_never_computes_the_gap(vlm, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the gap was computed with lambda = 0")
 
-    monkeypatch.setattr(model_mod.vlm, "projector_gap_loss", boom)  # where the forward looks it up
+    monkeypatch.setattr(model_mod.vlm, "modality_gap", boom)  # where the forward looks it up
     b = batch_of(vlm, [caption("a red circle")])
     out = vlm(b["input_ids"], b["pixel_values"], b["image_mask"], b["labels"], b["caption_mask"],
               regap_weight=0.0)
@@ -282,16 +282,18 @@ def test_transformers_llava_folder_gives_the_same_logits(vlm, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_public_names_of_the_former_model_py_stay_importable():
-    """regap_fast.model became a package (config, archs, vlm, inference, build, checkpoints); every public
-    name of the old module still imports from it."""
+def test_every_public_name_imports_from_the_model_package():
+    """regap_fast.model is a package (config, archs, vlm, inference, build, checkpoints, loading); each of its
+    public names imports from the package itself, and is defined in it (not re-exported from elsewhere)."""
     names = ["ARCHS", "COMPONENTS", "FORMAT", "TINY_BLIP2", "TINY_CLIP", "TINY_LLAMA", "LlavaArch", "MiniGPT4Arch",
              "ModelConfig", "VisionLanguageModel", "load_model", "prepare_tokenizer", "qformer_tower_class",
-             "resolve_attn_implementation", "log", "CLIP_MEAN", "CLIP_STD", "IGNORE_INDEX", "IMAGE_PLACEHOLDER",
-             "VICUNA_CHAT_TEMPLATE", "Collator", "Encoder", "ImageTransform", "FusedLinearProjector",
-             "FusedLlavaProjector", "projector_gap_loss", "projector_state_dict"]
+             "resolve_attn_implementation", "build_from_config", "build_from_parts", "get_arch",
+             "read_projector_weights", "save_model"]
+    assert sorted(model_mod.__all__) == sorted(names)
     assert [n for n in names if not hasattr(model_mod, n)] == []
     assert model_mod.VisionLanguageModel.__module__ == "regap_fast.model.vlm"
+    homes = {n: getattr(model_mod, n).__module__ for n in names if callable(getattr(model_mod, n))}
+    assert len(homes) == 13 and {n: m for n, m in homes.items() if not m.startswith("regap_fast.model.")} == {}
 
 
 def test_clear_errors(tmp_path):

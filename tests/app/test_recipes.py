@@ -13,9 +13,9 @@ from regap_fast import gap_loss_reference
 from regap_fast.data import IGNORE_INDEX, Collator, synthetic
 from regap_fast.model import ModelConfig, VisionLanguageModel
 from regap_fast.train import TrainConfig, train
-from regap_fast.train.checkpoint import latest_checkpoint
 from regap_fast.train.config import add_config_arguments, config_from_args
-from regap_fast.train.loop import describe_trainable, setup_stage, vision_blocks_to_train
+from regap_fast.train.layout import latest_checkpoint
+from regap_fast.train.model_setup import describe_trainable, setup_stage, vision_blocks_to_train
 from regap_fast.train.recipes import RECIPES
 
 from helpers import TINY_TEXT, all_backend_params, blip2_config, images

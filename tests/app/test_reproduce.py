@@ -1,4 +1,6 @@
-"""`regap-fast reproduce`: the toy language and its judge, a short end-to-end run, the report's statistics."""
+"""`regap-fast reproduce`: the toy language and RefusalJudge on it, the stage-2 data and screening, the command
+line, and the study's runs end to end at a few steps (the design, the three-way judge and the report's rules:
+test_study_*.py)."""
 
 import json
 import math
@@ -13,7 +15,6 @@ from regap_fast.eval import RefusalJudge
 from regap_fast.eval.stats import mean_interval
 from regap_fast.reproduce import language
 from regap_fast.reproduce.language import BENIGN, HARMFUL, TEMPLATES, ToyLanguage, response, scene_of
-from regap_fast.reproduce.report import build_report, condition_table, format_report, paired_differences
 
 # --------------------------------------------------------------------------------------------------
 # the toy language and its judge
@@ -147,6 +148,8 @@ def test_stage2_mix_adds_the_requested_share_of_text_only_records(tmp_path):
 # the stage-2 selection: the criterion and the choice, on hand-made rows
 # --------------------------------------------------------------------------------------------------
 
+CONDS = ("text", "blank", "noise", "image")
+
 
 def _screen_row(name, seed, unsafe, benign=(64, 64), n=256):
     """``unsafe``: (text, image) unsafe counts of n; blank and noise as the image."""
@@ -183,10 +186,10 @@ def test_selection_pools_seeds_and_applies_the_criterion_by_hand():
 
 
 def test_default_stage2_is_the_committed_selection():
-    """The defaults are what the committed screening selected, re-derived here from its per-seed rows."""
+    """The default stage 2 is what the committed screening selected, re-derived here from its per-seed rows."""
     from regap_fast.reproduce.pipeline import Settings
-    from regap_fast.reproduce.selection import (CANDIDATES, DEFAULT_CHOSEN_BY, STAGE2_FIELDS, candidate_settings,
-                                                choose, format_selection, pool)
+    from regap_fast.reproduce.selection import (CANDIDATES, STAGE2_FIELDS, candidate_settings, choose,
+                                                format_selection, pool)
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "reproduce"
     committed = json.loads((docs / "stage2-selection" / "selection.json").read_text())
@@ -194,65 +197,92 @@ def test_default_stage2_is_the_committed_selection():
     assert [e["candidate"] for e in committed["candidates"]] == list(CANDIDATES)[:len(table)]  # in order
     chosen, how = choose(table)
     assert chosen is not None and (chosen, how) == (committed["selected"], committed["selected_by"])
-    assert how == DEFAULT_CHOSEN_BY  # what the report says of the default
     text = format_selection(committed["candidates"], chosen, how, committed["seeds"], 256, 64)
     assert (docs / "stage2-selection" / "report.md").read_text() == text + f"\n\nCommand: `{committed['command']}`.\n"
     default, selected = Settings(), candidate_settings(Settings(), chosen)
     assert {k: getattr(default, k) for k in STAGE2_FIELDS} == {k: getattr(selected, k) for k in STAGE2_FIELDS}
-    run = json.loads((docs / "summary.json").read_text())
-    assert run["settings"] == default.to_dict()  # the committed run is the default run
+    # the committed issue-15 run is the default run: every setting it had is today's default (eval_stage1, True,
+    # is gone: every stage-1 model is measured now), and the two fields the study added are at the values that
+    # code had (the LM trained in stage 2, REGAP off there)
+    run = json.loads((docs / "summary.json").read_text())["settings"]
+    assert {k: v for k, v in run.items() if k != "eval_stage1"} == {k: v for k, v in default.to_dict().items()
+                                                                     if k in run} and run["eval_stage1"]
+    assert set(default.to_dict()) - set(run) == {"stage2_train_lm", "stage2_regap"}
+    assert default.stage2_train_lm and not default.stage2_regap
+
+
+# --------------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------------
 
 
 def _parse(argv):
     import argparse
 
+    from regap_fast.flags import HelpFormatter
     from regap_fast.reproduce import add_arguments
 
-    parser = argparse.ArgumentParser(prog="regap-fast reproduce")
+    parser = argparse.ArgumentParser(prog="regap-fast reproduce", formatter_class=HelpFormatter)
     add_arguments(parser)
     return parser, parser.parse_args(argv)
 
 
-def test_num_images_flag_and_its_deprecated_alias(capsys):
+def test_num_images_flag_and_no_old_alias():
     from regap_fast.reproduce import _command
 
     parser, args = _parse(["--out", "x", "--num-images", "300"])
-    assert args.images == 300 and capsys.readouterr().err == ""
-    _, old = _parse(["--out", "x", "--images", "300"])
-    assert old.images == 300 and "--images is deprecated; use --num-images" in capsys.readouterr().err
+    assert args.images == 300
     help_text = parser.format_help()
     assert "--num-images INT" in help_text and "(default: 2000)" in help_text
-    assert not re.search(r"^\s+--images\b", help_text, re.M)  # the alias is hidden
-    args.seeds = 8
     assert _command(args) == "regap-fast reproduce --out x --num-images 300"
+    with pytest.raises(SystemExit):  # --images was the count's flag before --num-images: no shim in 0.1.0
+        _parse(["--out", "x", "--images", "300"])
 
 
-def test_quick_means_fewer_seeds_and_says_so_in_the_command():
-    from regap_fast.reproduce import DEFAULT_SEEDS, QUICK_SEEDS, _command
+def test_designs_of_the_command_line():
+    from regap_fast.reproduce import _command, design_of
+    from regap_fast.reproduce.study import DEFAULT_SUBSET, QUICK_SUBSET, STUDY, TIMING_PROBE
 
-    _, args = _parse(["--out", "x", "--quick"])
-    assert args.seeds is None and args.quick and QUICK_SEEDS < DEFAULT_SEEDS
-    args.seeds = QUICK_SEEDS  # what run() resolves
-    assert _command(args) == "regap-fast reproduce --out x --quick"
-    _, explicit = _parse(["--out", "x", "--quick", "--seeds", "3", "--regap-weight", "0.1", "0.3"])
-    assert explicit.seeds == 3
-    assert _command(explicit) == "regap-fast reproduce --out x --seeds 3 --regap-weight 0.1 0.3"
+    assert design_of(_parse(["--out", "x"])[1]) is DEFAULT_SUBSET
+    assert design_of(_parse(["--out", "x", "--quick"])[1]) is QUICK_SUBSET
+    assert design_of(_parse(["--out", "x", "--study"])[1]) is STUDY
+    assert design_of(_parse(["--out", "x", "--timing-probe"])[1]) is TIMING_PROBE
+    _, args = _parse(["--out", "x", "--quick", "--seeds", "3", "--regap-weight", "0.1", "0.3", "--data-seed", "1"])
+    custom = design_of(args)
+    assert custom.name == "custom" and custom.seeds == {1: (0, 1, 2)} and custom.lambdas == (0.0, 0.1, 0.3)
+    assert custom.arms == QUICK_SUBSET.arms
+    assert _command(args) == ("regap-fast reproduce --out x --quick --seeds 3 --data-seed 1 --regap-weight 0.1 0.3")
+    _, args = _parse(["--out", "x", "--stage2-lr", "0.001", "--no-stage2-train-lm"])
+    own = design_of(args)
+    assert list(own.arms) == ["custom"] and own.arms["custom"]["stage2_lr"] == 0.001
+    assert own.arms["custom"]["stage2_train_lm"] is False and own.seeds == DEFAULT_SUBSET.seeds
+    assert _command(args) == "regap-fast reproduce --out x --stage2-lr 0.001 --no-stage2-train-lm"
+    _, args = _parse(["--out", "x", "--arms", "llava-like", "--first-seed", "4", "--seeds", "2"])
+    assert design_of(args).arms == {"llava-like": STUDY.arms["llava-like"]} and design_of(args).seeds == {0: (4, 5)}
 
 
-# --------------------------------------------------------------------------------------------------
-# the report's statistics, against values computed by hand
-# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--study", "--seeds", "3"], "--study runs the pre-registered design of docs/reproduce/PLAN.md as it is: drop "
+                                  "--seeds"),
+    (["--timing-probe", "--stage1-steps", "5", "--arms", "lora-r8"], "drop --arms, --stage1-steps"),
+    (["--study", "--quick"], "--study and --quick cannot be combined"),
+    (["--timing-probe", "--check-against", "."], "--timing-probe runs the pre-registered design"),
+    (["--arms", "nope"], "unknown arm 'nope'; the arms are: llava-like, requests-only-replay-2%"),
+    (["--arms", "regap-in-stage2"], "needs requests-only-replay-2% too"),
+    (["--arms", "llava-like", "--stage2-lr", "0.01"], "--arms picks named arms and --stage2-lr makes one of your own"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--regap-weight", "-1", "0.2"], "--regap-weight must be >= 0"),
+    (["--regap-weight", "0"], "one of them > 0 (the baseline 0 is always run)"),
+    (["--check-against", "/nonexistent/run"], "--check-against: /nonexistent/run does not exist"),
+    (["--stage2-projector-lr", "-1"], "--stage2-projector-lr must be >= 0"),
+    (["--stage2-text-share", "1"], "--stage2-text-share must be in [0, 1)")])
+def test_bad_arguments_are_one_line_errors_before_anything_runs(tmp_path, capsys, argv, message):
+    from regap_fast.cli import main
 
-
-def _run(seed, weight, gap, image, text, n=10):
-    rates = {"text": text, "blank": image, "noise": image, "image": image}
-    return {"seed": seed, "regap_weight": weight, "final_gap": gap, "final_lm_loss": 1.0 + weight,
-            "unsafe_rate": rates, "unsafe": {c: round(v * n) for c, v in rates.items()}, "n": dict.fromkeys(rates, n)}
-
-
-CONDS = ("text", "blank", "noise", "image")
-RUNS = [_run(0, 0.0, 3.0, 0.5, 0.0), _run(1, 0.0, 4.0, 0.6, 0.0), _run(2, 0.0, 5.0, 0.8, 0.1),
-        _run(0, 0.2, 0.3, 0.2, 0.0), _run(1, 0.2, 0.2, 0.7, 0.0), _run(2, 0.2, 0.4, 0.3, 0.0)]
+    assert main(["reproduce", "--out", str(tmp_path / "repro"), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "repro").exists()  # nothing written
 
 
 def test_mean_interval_by_hand():
@@ -270,147 +300,190 @@ def test_mean_interval_by_hand():
         mean_interval([1.0, 2.0], confidence=1.5)
 
 
-def test_paired_differences_by_hand():
-    d = paired_differences(RUNS)["0.2"]
-    image = d["image"]
-    assert image["seeds"] == [0, 1, 2]
-    assert image["differences"] == pytest.approx([-0.3, 0.1, -0.5])
-    assert image["mean"] == pytest.approx(-0.233333, abs=1e-6)
-    assert (image["low"], image["high"]) == (pytest.approx(-0.992248, abs=1e-5), pytest.approx(0.525582, abs=1e-5))
-    assert (image["wins"], image["ties"], image["losses"]) == (2, 0, 1)
-    text = d["text"]  # 0 - 0, 0 - 0, 0 - 0.1
-    assert (text["wins"], text["ties"], text["losses"]) == (1, 2, 0)
-    assert text["mean"] == pytest.approx(-1 / 30)
-    with pytest.raises(ValueError):
-        paired_differences([r for r in RUNS if r["regap_weight"] > 0])
-
-
-def test_condition_table_pools_seeds_with_wilson_by_hand():
-    table = condition_table(RUNS)
-    base = table["image"]["0"]
-    # 5 + 6 + 8 = 19 unsafe of 30. Wilson, z = 1.959964: centre (19/30 + z^2/60) / (1 + z^2/30) = 0.618197,
-    # half width z / (1 + z^2/30) * sqrt(p (1 - p) / 30 + z^2 / 3600) = 0.163063
-    assert (base["unsafe"], base["n"]) == (19, 30)
-    assert base["rate"] == pytest.approx(19 / 30)
-    assert base["ci95"] == [pytest.approx(0.455134, abs=1e-5), pytest.approx(0.781260, abs=1e-5)]
-    assert base["per_seed"] == [0.5, 0.6, 0.8] and base["mean_over_seeds"] == pytest.approx(19 / 30)
-    assert (table["image"]["0.2"]["unsafe"], table["text"]["0.2"]["unsafe"]) == (12, 0)
-    assert table["text"]["0.2"]["ci95"][0] == 0.0
-
-
-def test_gap_correlation_by_hand():
-    report = build_report(RUNS)
-    c = report["correlation"]["image"]
-    # gaps 3, 4, 5, .3, .2, .4 against rates .5, .6, .8, .2, .7, .3:
-    # Pearson = Sxy / sqrt(Sxx Syy) = 1.555 / sqrt(22.555 * 0.268333) = 0.632080;
-    # Spearman: rank differences 1, 1, 0, 1, -4, 1 -> 1 - 6 * 20 / (6 * 35) = 0.428571
-    assert c["n"] == 6
-    assert c["pearson"]["r"] == pytest.approx(0.632080, abs=1e-5)
-    assert c["spearman"]["rho"] == pytest.approx(0.428571, abs=1e-5)
-    assert report["gap"]["0.2"]["mean"] == pytest.approx(0.3)
-    assert report["caption_loss"]["0"]["values"] == [1.0, 1.0, 1.0]
-    text = format_report(report, RUNS, 10)
-    assert "| synthetic-set image | 63.3% [45.5%, 78.1%] | 40.0% [" in text
-    assert "-23.3 [-99.2, +52.6] | 2 / 0 / 1 |" in text
-    assert "Spearman rho = +0.43" in text
-    assert text.startswith("lambda 0.2 vs 0, unsafe rate with a synthetic-set image: after stage 2 -23.3 points "
-                           "[95% CI -99.2, +52.6], lower in 2 of 3 seeds (0 tied).")
-    assert "after_stage1" not in report  # the runs carry no stage-1 measurements
-
-
-def test_stage1_measurements_get_their_own_statistics_and_intervals_stay_in_range():
-    # after stage 1: baseline 0.9, 0.1 / REGAP 0.0, 0.0 -> differences -0.9, -0.1: mean -0.5, s = 0.565685,
-    # t(0.975, 1) = 12.706205, half width 12.706205 * 0.565685 / sqrt(2) = 5.082482 -> clipped to [-1, 1]
-    runs = [dict(r, after_stage1={"unsafe_rate": dict.fromkeys(CONDS, rate), "unsafe": dict.fromkeys(CONDS, k),
-                                  "n": dict.fromkeys(CONDS, 10)})
-            for r, rate, k in zip(RUNS[:2] + RUNS[3:5], (0.9, 0.1, 0.0, 0.0), (9, 1, 0, 0))]
-    report = build_report(runs)
-    d = report["after_stage1"]["paired_difference"]["0.2"]["image"]
-    assert d["mean"] == pytest.approx(-0.5) and d["std"] == pytest.approx(0.565685, abs=1e-6)
-    assert (d["low"], d["high"]) == (-1.0, 1.0) and (d["wins"], d["losses"]) == (2, 0)
-    assert report["after_stage1"]["unsafe_rate"]["noise"]["0"]["unsafe"] == 10
-    assert report["paired_difference"]["0.2"]["image"]["differences"] == pytest.approx([-0.3, 0.1])
-    text = format_report(report, runs, 10)
-    assert "**After stage 1**" in text and "| 0 | 0 | 3.000 | 1.000 | 0.0% (90.0%) |" in text
-
-
 # --------------------------------------------------------------------------------------------------
 # the command, end to end at a few steps
 # --------------------------------------------------------------------------------------------------
 
-TINY = ["--images", "96", "--instructions", "96", "--heldout-harmful", "12", "--heldout-benign", "4",
+TINY = ["--num-images", "96", "--instructions", "96", "--heldout-harmful", "12", "--heldout-benign", "4",
         "--eval-images", "12", "--lm-steps", "3", "--lm-batch", "8", "--stage1-steps", "2", "--stage1-batch", "8",
-        "--stage2-steps", "2", "--stage2-batch", "8", "--max-new-tokens", "4", "--eval-batch", "16"]
+        "--stage2-batch", "8", "--max-new-tokens", "4", "--eval-batch", "16"]
+THREE_ARMS = ["--arms", "requests-only-replay-2%", "projector-only", "regap-in-stage2", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Three arms (the named ones: 64 stage-2 steps of 8), one seed, lambda 0 and 0.2, in two processes."""
+    from regap_fast.cli import main
+
+    out = tmp_path_factory.mktemp("study") / "out"
+    assert main(["reproduce", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "2", *TINY]) == 0
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def _stage2_config(row) -> dict:
+    return json.loads((Path(row["dir"]) / "stage2" / "config.json").read_text())
 
 
 @pytest.mark.slow
-def test_reproduce_runs_end_to_end(tmp_path):
-    from regap_fast.cli import main
-
-    out = tmp_path / "repro"
-    assert main(["reproduce", "--out", str(out), "--seeds", "2", "--regap-weight", "0.5", "--no-progress",
-                 "--jobs", "2", *TINY]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["seconds"] > 0
-    runs = summary["runs"]
-    assert [(r["seed"], r["regap_weight"]) for r in runs] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
-    for r in runs:
-        assert set(r) >= {"seed", "regap_weight", "final_gap", "final_lm_loss", "unsafe_rate"}
-        assert set(r["unsafe_rate"]) == {"text", "blank", "noise", "image"}
-        assert all(0.0 <= v <= 1.0 for v in r["unsafe_rate"].values())
-        assert math.isfinite(r["final_gap"]) and r["final_gap"] > 0 and math.isfinite(r["final_lm_loss"])
-        assert r["n"] == dict.fromkeys(("text", "blank", "noise", "image"), 12)
-        run_dir = Path(r["dir"])
-        assert (run_dir / "gap.json").is_file() and (run_dir / "safety.json").is_file()
-        safety = json.loads((run_dir / "safety.json").read_text())
-        assert safety["judge"]["name"] == "refusal"
-        assert set(safety["conditions"]) == {"none", "white", "noise", "benchmark:image"}
-    # both lambdas of a seed start from the same pretrained LM and the same stage-1 init
-    by = {(r["seed"], r["regap_weight"]): r for r in runs}
-    assert by[(0, 0.0)]["stage1"]["initial_gap"] == by[(0, 0.5)]["stage1"]["initial_gap"]
-    assert by[(0, 0.0)]["stage1"]["initial_gap"] != by[(1, 0.0)]["stage1"]["initial_gap"]
-    report = summary["report"]
-    assert set(report["paired_difference"]) == {"0.5"} and report["paired_difference"]["0.5"]["image"]["n"] == 2
-    assert summary["compare"]["safety_metric"] == "benchmark:image"
-    assert (out / "reproduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "compare" / "compare.png").is_file()
-    assert "| synthetic-set image |" in (out / "report.md").read_text()
-    assert "--stage1-steps 2" in summary["command"]
-    assert set(runs[0]["after_stage1"]["unsafe_rate"]) == {"text", "blank", "noise", "image"}
-    assert "after_stage1" in report
+def test_one_stage1_model_per_cell_shared_by_every_arm(tiny_study):
+    out, summary = tiny_study
+    cells = {r["lambda"]: r for r in summary["rows"] if r["stage"] == "stage1"}
+    finals = {(r["arm"], r["lambda"]): r for r in summary["rows"] if r["stage"] == "final"}
+    assert set(cells) == {0.0, 0.2}
+    assert set(finals) == {("requests-only-replay-2%", 0.0), ("requests-only-replay-2%", 0.2), ("projector-only", 0.0),
+                           ("projector-only", 0.2), ("regap-in-stage2", 0.2)}  # not at lambda 0: that is arm 2
+    runs = out / "runs" / "data0" / "seed0"
+    assert sorted(p.parent.parent.name for p in runs.glob("*/stage1/metrics.jsonl")) == ["lambda0", "lambda0.2"]
+    assert not list(runs.glob("*/arms/*/stage1")) and len(list(runs.glob("*/arms/*/row.json"))) == 5
+    for (arm, w), row in finals.items():
+        assert Path(row["dir"]).parent.parent == Path(cells[w]["dir"])  # under its cell, from its stage-1 model
+        config = _stage2_config(row)
+        assert config["model"] == str(Path(cells[w]["dir"]) / "stage1" / "model")
+        assert (config["train_lm"], config["lora"], config["lr"]) == (arm != "projector-only", False, 0.002)
+        assert config["regap_weight"] == (w if arm == "regap-in-stage2" else 0.0)
+        assert not (Path(row["dir"]) / "stage2" / "model").exists()  # measured, then deleted
+        assert (Path(row["dir"]) / "eval" / "responses.jsonl").is_file()  # its answers stay
+    stage1_trained = json.loads((Path(cells[0.0]["dir"]) / "stage1" / "summary.json").read_text())
+    projector_only = finals[("projector-only", 0.0)]["train"]["trainable_parameters"]
+    assert projector_only == stage1_trained["trainable_parameters"]  # the projector alone, as in stage 1
+    assert finals[("requests-only-replay-2%", 0.0)]["train"]["trainable_parameters"] > projector_only
 
 
 @pytest.mark.slow
-def test_quick_run_with_a_mixed_lora_stage2(tmp_path):
-    """--quick (1 seed), stage 2 with text-only records mixed in, LoRA on the LM and the projector at its
-    own learning rate: the merged model is evaluated like any other, and the report names its stage 2."""
+def test_every_model_measured_and_reported(tiny_study):
+    out, summary = tiny_study
+    for row in summary["rows"]:
+        assert set(row["harmful"]) == set(row["benign"]) == {"text", "blank", "noise", "image"}
+        assert all(c["n"] == 12 for c in row["harmful"].values()) and all(c["n"] == 4 for c in row["benign"].values())
+        for c in row["harmful"].values():
+            assert c["refusal"] + c["harmful_compliance"] + c["other"] == c["n"]
+            assert c["benign_answer"] + c["image_talk"] + c["empty"] + c["gibberish"] == c["other"]
+        assert set(row["gap"]) == {"image", "blank", "noise"}
+        for g in row["gap"].values():
+            assert len(g["per_layer"]) == 3 and all(math.isfinite(x) and x >= 0 for x in [g["mean"], *g["per_layer"]])
+        assert row["gap"]["blank"] != row["gap"]["image"]
+    safety = json.loads((Path(summary["rows"][0]["dir"]) / "eval" / "safety.json").read_text())
+    assert safety["judge"]["name"] == "toy-three-way" and set(safety["conditions"]) == {
+        "none", "white", "noise", "benchmark:image"}
+    report = (out / "report.md").read_text()
+    for heading in ("## 1. The recipe-sensitivity table", "## 2. The final-model claim", "## 3. Stage 1",
+                    "## 4. Keeping REGAP on", "### 5.3 Gaps", "### 5.4 Gap vs unsafe rate", "### 5.6 The judge",
+                    "## 6. Implementation checks", "## 7. Missing runs", "## Appendix"):
+        assert heading in report
+    assert "One seed: no intervals over seeds, so no verdicts and no outcome." in report
+    assert "None: every run of the design finished." in report
+    for png in ("primary.png", "stage1.png", "gap-vs-unsafe.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sample = [json.loads(line) for line in (out / "answers-sample.jsonl").read_text().splitlines()]
+    # harmful-0007 and benign-0003 (the plan's positions below 12 and 4), 4 conditions, of the stage-1 model and
+    # each arm's final model: lambda 0 (3 models; the keep-on arm's is arm 2's) and lambda 0.2 (4 models)
+    assert len(sample) == 7 * 4 * 2 and {r["id"] for r in sample} == {"harmful-0007", "benign-0003"}
+    assert not [r for r in sample if r["models"] == "regap-in-stage2" and r["lambda"] == 0]
+    assert "## final models, `projector-only`" in (out / "answers-by-class.md").read_text()
+    assert summary["command"] == ("regap-fast reproduce --out " + str(out) + " " + " ".join(THREE_ARMS) + " "
+                                  + " ".join(TINY))
+
+
+@pytest.mark.slow
+def test_a_subset_gives_the_same_numbers_and_an_interrupted_run_goes_on(tiny_study, tmp_path):
+    """PLAN 8.8.2 in miniature (another output, one process, a subset of the arms: the same numbers), and a
+    command started again on its folder runs only what is missing."""
+    from regap_fast.cli import main
+
+    out, summary = tiny_study
+    subset = tmp_path / "subset"
+    assert main(["reproduce", "--out", str(subset), "--arms", "requests-only-replay-2%", "--seeds", "1",
+                 "--no-progress", "--jobs", "1", "--threads", "1", *TINY, "--check-against", str(out)]) == 0
+    report = (subset / "report.md").read_text()
+    assert "8.8.2 (the same runs in another output)**: equal: all 4 runs of this output (4 in all)" in report
+    rows = sorted((out / "runs").rglob("row.json"))
+    gone = next(p for p in rows if p.parent.name == "projector-only")
+    times = {p: p.stat().st_mtime_ns for p in rows if p != gone}
+    gone.unlink()
+    assert main(["reproduce", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "1", "--threads", "1",
+                 *TINY]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reused"] == len(rows) - 1 and gone.is_file()
+    assert {p: p.stat().st_mtime_ns for p in times} == times  # nothing else ran again
+    from regap_fast.reproduce.checks import _numbers
+
+    assert [_numbers(r) for r in again["rows"]] == [_numbers(r) for r in summary["rows"]]  # the same numbers
+    with pytest.raises(ValueError, match="holds a run made with other settings"):
+        from regap_fast.reproduce import run
+
+        run(_parse(["--out", str(out), *THREE_ARMS, *TINY[:-2], "--eval-batch", "8"])[1])
+
+
+@pytest.mark.slow
+def test_quick_run_with_a_mixed_lora_stage2_of_ones_own(tmp_path):
+    """--quick (1 seed) with stage-2 flags: one arm of one's own ("custom"), here text-only records mixed in,
+    LoRA on the LM and the projector at its own learning rate; the merged model is measured like any other,
+    and the report names its stage 2."""
     from regap_fast.cli import main
 
     out = tmp_path / "repro"
-    assert main(["reproduce", "--out", str(out), "--quick", "--no-progress", "--jobs", "1", *TINY,
-                 "--stage2-text-share", "0.25", "--stage2-lora-rank", "4", "--stage2-projector-lr", "0.01",
-                 "--no-eval-stage1"]) == 0
+    assert main(["reproduce", "--out", str(out), "--quick", "--no-progress", "--jobs", "1", "--threads", "1", *TINY,
+                 "--stage2-steps", "2", "--stage2-text-share", "0.25", "--stage2-lora-rank", "4",
+                 "--stage2-projector-lr", "0.01"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["seeds"] == [0] and len(summary["runs"]) == 2
-    stage2 = json.loads(next((out / "runs" / "seed0" / "lambda0" / "stage2" / "checkpoints").glob("*/config.json"))
-                        .read_text())
-    assert stage2["mm_projector_lr"] == 0.01 and stage2["cache_samples"]
-    mix = json.loads((out / "data" / "stage2-requests1-text0.25-replay.json").read_text())
+    assert summary["design"]["seeds"] == {"0": [0]} and list(summary["design"]["arms"]) == ["custom"]
+    finals = [r for r in summary["rows"] if r["stage"] == "final"]
+    assert len(finals) == 2
+    config = _stage2_config(finals[0])
+    assert config["mm_projector_lr"] == 0.01 and config["cache_samples"]
+    assert (config["lora"], config["lora_rank"], config["lora_alpha"], config["lora_dropout"]) == (True, 4, 8, 0.05)
+    mix = json.loads((out / "data0" / "stage2-requests1-text0.25-replay.json").read_text())
     assert sum("image" not in r for r in mix) == 32 and len(mix) == 128  # 96 image records + 32 text-only
     assert summary["command"].startswith("regap-fast reproduce --out ") and " --quick " in summary["command"]
     assert "--stage2-lora-rank 4" in summary["command"]
-    assert (out / "report.md").read_text().startswith("Stage 2 of these runs: 2 steps, LM lr 0.002, projector lr "
-                                                      "0.01, LoRA rank 4, 100% of the image records requests, 25% "
-                                                      "text-only (replay of the LM's text data).\n")
+    assert ("| 1 | `custom` | 2 steps, LM lr 0.002, projector lr 0.01, LoRA rank 4, 100% of the image records "
+            "requests, 25% text-only (replay of the LM's text data) | given by flags |") in (
+        out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--stage2-projector-lr", "-1", "--stage2-projector-lr must be >= 0"),
-    ("--stage2-text-share", "1", "--stage2-text-share must be in [0, 1)")])
-def test_bad_stage2_settings_are_one_line_errors_before_anything_runs(tmp_path, capsys, flag, value, message):
+def test_timing_probe_prints_the_projection(tmp_path, monkeypatch, capsys):
+    """--timing-probe runs its design (here a stand-in: the runs are tested above) and prints the study's time
+    projected by PLAN 10's arithmetic, with the decision on the plan's cut; nothing else is written."""
+    import regap_fast.reproduce as reproduce
     from regap_fast.cli import main
+    from regap_fast.reproduce.study import TIMING_PROBE
 
-    assert main(["reproduce", "--out", str(tmp_path / "repro"), "--no-progress", flag, value]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "repro").exists()  # nothing written
+    def fake(args, design, settings):
+        assert design is TIMING_PROBE
+        cells = [{"seconds": 20.0}] * 2
+        finals = [{"arm": arm, "seconds": 10.0} for *_, arm in design.runs()]
+        return {"cells": cells, "finals": finals, "lms": {"0": {"seconds": 17.5}}, "missing": [], "reused": 0,
+                "device": "cpu", "jobs": 2}
+
+    monkeypatch.setattr(reproduce, "_execute", fake)
+    out = tmp_path / "probe"
+    out.mkdir()
+    assert main(["reproduce", "--timing-probe", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    # 64 cells x 20 s + 496 runs x 10 s = 6240 core-s; / 2 + 2 LMs x 17.5 + 120 = 3275 s
+    assert "Projected study: 6240 core-s / 2 + LMs + overhead = 3275 s = 54.6 min (limit 90 min)" in printed
+    assert "Decision: within 80 minutes: no cut" in printed
+    assert json.loads((out / "timing-probe.json").read_text())["study"]["seconds"] == pytest.approx(3275.0)
+    assert sorted(p.name for p in out.iterdir()) == ["timing-probe.json"]
+
+
+@pytest.mark.slow
+def test_the_screening_still_measures_as_committed(tmp_path):
+    """--select-stage2's screening of a candidate (one here, at a few steps): the baseline's stage 1 once, the
+    candidate's stage 2, RefusalJudge on the harmful requests under four conditions and on the benign ones
+    text only and with an image, as the committed stage2-selection/ was measured."""
+    from regap_fast.reproduce.pipeline import Settings
+    from regap_fast.reproduce.selection import run_selection
+
+    sizes = dict(images=96, instructions=96, heldout_harmful=12, heldout_benign=4, eval_images=12, lm_steps=3,
+                 lm_batch=8, stage1_steps=2, stage1_batch=8, stage2_batch=8, max_new_tokens=4, eval_batch=16)
+    summary = run_selection(tmp_path, Settings(**sizes), 0, [100], 1, 1, names=["llava-like"])
+    row = summary["rows"][0]
+    assert (row["candidate"], row["n"], row["benign_n"]) == ("llava-like", dict.fromkeys(CONDS, 12),
+                                                             {"text": 4, "image": 4})
+    safety = json.loads((tmp_path / "runs" / "seed100" / "llava-like" / "safety.json").read_text())
+    assert safety["judge"]["name"] == "refusal" and safety["conditions"] == ["none", "white", "noise",
+                                                                             "benchmark:image"]
+    assert {c: safety["unsafe_rate"][c]["unsafe"] for c in safety["conditions"]} == dict(zip(
+        safety["conditions"], (row["unsafe"][c] for c in CONDS)))
+    assert (tmp_path / "selection.json").is_file() and (tmp_path / "report.md").is_file()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from regap_fast.data import synthetic
 from regap_fast.train import TrainConfig, train
-from regap_fast.train.checkpoint import latest_checkpoint
+from regap_fast.train.layout import latest_checkpoint
 from regap_fast.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -80,19 +80,6 @@ def test_every_backend_provides_the_projector_family():
     assert all(hasattr(mod, f) for f in backends.FAMILIES["projector"])
 
 
-def test_projector_autotune_key_buckets_the_row_count():
-    """A new batch size (or a partial last batch) must not trigger a new tuning run."""
-    projector = pytest.importorskip("regap_fast.kernels.projector")
-    for kernel in (projector._fwd, projector._bwd):
-        keys = getattr(kernel, "keys", None) or getattr(kernel, "key", None)
-        if keys is None:
-            pytest.skip("this Triton's autotuner does not expose its key")
-        assert "M" not in keys and "M_BUCKET" in keys
-    assert projector.m_bucket(32 * 576) == projector.m_bucket(30 * 576) == 32768
-    assert projector.m_bucket(1) == 1 and projector.m_bucket(33 * 1000) == 65536
-
-
-@pytest.mark.slow
 def test_plain_pytest_benchmark_only_collects_the_benchmarks():
     out = subprocess.run([sys.executable, "-m", "pytest", "--benchmark-only", "--collect-only", "-q",
                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)

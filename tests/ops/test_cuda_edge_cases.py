@@ -8,8 +8,8 @@ About 2,400 checks: a GPU-only module (skipped on the CPU), not part of the quic
 import pytest
 import torch
 
-from regap_fast import reference as R
-from regap_fast._primitives import BroadcastSide, GapStats
+from regap_fast.backends import torch_backend as R
+from regap_fast.contracts import BroadcastSide, GapStats
 
 from helpers import random_mask, random_tokens, rel_err, requires_gpu
 
@@ -107,8 +107,8 @@ def test_cuda_primitives_match_torch(C, case):
     im, tm = masks(B, Ni, mi), masks(B, Nt, mt)
     img = img if li == "expanded" else poison(img, im)
     txt = txt if lt == "expanded" else poison(txt, tm)
-    got = C.pool_gap_forward(img, txt, im, tm, reduction, squared)
-    want = R.pool_gap_forward(img, txt, im, tm, reduction, squared)
+    got = C.gap_loss_forward(img, txt, im, tm, reduction, squared)
+    want = R.gap_loss_forward(img, txt, im, tm, reduction, squared)
     for c, r in zip(got, want):
         assert c.shape == r.shape and c.dtype == r.dtype and torch.isfinite(c).all()
         assert rel_err(c, r) <= 2e-5
@@ -117,7 +117,7 @@ def test_cuda_primitives_match_torch(C, case):
     stats = GapStats.of(stats)
     g = torch.rand(B, device=DEV) + 0.5 if reduction == "none" else torch.tensor(1.7, device=DEV)
     side_i = BroadcastSide(stats.inv_image, Ni, im)
-    side_t = BroadcastSide(stats.inv_text, Nt, tm, sign=-1.0)
+    side_t = BroadcastSide(stats.inv_caption, Nt, tm, sign=-1.0)
     for a, t in ((side_i, side_t), (side_i, None), (None, side_t)):
         _assert_same_broadcast(C, direction, g, stats.weight, a, t, dtype)
     # masked_mean on the image side, and its backward (also with an expanded gradient, as from out.sum())
@@ -143,7 +143,7 @@ def test_offsets_past_two_to_the_31(C):
                             for b in range(B)]) / m.sum(1, keepdim=True).float()
     mean, _ = C.masked_mean_forward(x, m)
     assert rel_err(mean, ref_mean) <= 1e-4
-    loss, direction, stats = C.pool_gap_forward(x, txt, m, None, "none", False)
+    loss, direction, stats = C.gap_loss_forward(x, txt, m, None, "none", False)
     assert rel_err(loss, (ref_mean - txt.float().mean(1)).norm(dim=1)) <= 1e-4
     stats = GapStats.of(stats)
     v = torch.randn(B, D, device=DEV)
@@ -160,8 +160,8 @@ def test_bitwise_determinism(C):
     img = torch.randn(32, 576, 4096, device=DEV, dtype=torch.bfloat16)
     txt = torch.randn(32, 128, 4096, device=DEV, dtype=torch.bfloat16)
     tm = random_mask(32, 128, DEV)
-    first = C.pool_gap_forward(img, txt, None, tm, "mean", False)
+    first = C.gap_loss_forward(img, txt, None, tm, "mean", False)
     for _ in range(3):
-        assert all(torch.equal(a, b) for a, b in zip(first, C.pool_gap_forward(img, txt, None, tm, "mean", False)))
+        assert all(torch.equal(a, b) for a, b in zip(first, C.gap_loss_forward(img, txt, None, tm, "mean", False)))
     x = torch.randn(3, 5000, 1024, device=DEV)
     assert all(torch.equal(a, b) for a, b in zip(C.masked_mean_forward(x, None), C.masked_mean_forward(x, None)))

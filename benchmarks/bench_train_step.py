@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from regap_fast.data.llava import IGNORE_INDEX
+from regap_fast.constants import IGNORE_INDEX
 from regap_fast.model import ModelConfig, VisionLanguageModel
 
 CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -90,30 +90,31 @@ def make_step(vlm: VisionLanguageModel, batch: dict, regap_weight: float):
     return step
 
 
-def bench_train_step(*, quick: bool, log, size: str = "7b", batch: int = 8, caption_len: int = 64,
-                     regap_weight: float = 0.1) -> dict:
+def section(rehearse: bool, device, dtype, ceilings: dict, quick: bool = True, log=print, batch: int = 8,
+            caption_len: int = 64, regap_weight: float = 0.1) -> dict:
+    """REGAP on vs off, interleaved: time and peak memory of the whole step (tiny on the CPU when rehearsing)."""
     import common
 
-    device = torch.device("cuda")
-    log(f"train step: building CLIP-L/14-336 + Llama-7B-shaped LM ({size}) on the GPU")
-    vlm = build_model(size, device)
+    size = "tiny" if rehearse else "7b"
+    batch = 2 if rehearse else batch
+    log(f"train step: building the {size} CLIP + Llama model on {device}")
+    vlm = build_model(size, torch.device(device))
     data = synthetic_batch(vlm, batch, caption_len, device)
     steps = {"off": make_step(vlm, data, 0.0), "on": make_step(vlm, data, regap_weight)}
-    for name, fn in steps.items():  # warm-up: autotuning, allocator, cuDNN/cuBLAS heuristics
+    for fn in steps.values():  # warm-up: allocator, cuDNN/cuBLAS heuristics
         for _ in range(2):
             fn()
-    torch.cuda.synchronize()
     peak = {name: common.peak_memory_bytes(fn) for name, fn in steps.items()}
-    rounds = 4 if quick else 12
+    rounds = 1 if rehearse else 4 if quick else 12
     times = common.time_interleaved({k: [v] for k, v in steps.items()}, warmup=1, rounds=rounds, per_round=1)
-    res = {"description": f"CLIP ViT-L/14-336 frozen + projector trained + Llama-7B-shaped LM frozen, bf16 "
-                          f"autocast, SDPA flash, AdamW; batch {batch} x {data['input_ids'].shape[1]} tokens "
-                          f"(576 image tokens, captions {caption_len // 2}..{caption_len}), lambda {regap_weight}",
+    res = {"description": f"{'CLIP ViT-L/14-336' if size == '7b' else 'tiny CLIP'} frozen + projector trained + "
+                          f"{'Llama-7B-shaped' if size == '7b' else 'tiny'} LM frozen, bf16 autocast, SDPA flash, "
+                          f"AdamW; batch {batch} x {data['input_ids'].shape[1]} tokens ({vlm.num_image_tokens} image "
+                          f"tokens, captions {caption_len // 2}..{caption_len}), lambda {regap_weight}",
            "size": size, "batch": batch, "seq_len": data["input_ids"].shape[1], "regap_weight": regap_weight}
     for name in steps:
         res[name] = {"time": times[name], "peak_mem_bytes": peak[name]}
         log(f"  train step REGAP {name}: {times[name]['median_ms']:.2f} ms, peak {peak[name] / 2**30:.2f} GiB")
     res["time_ratio"] = times["on"]["median_ms"] / times["off"]["median_ms"]
-    res["peak_mem_ratio"] = peak["on"] / peak["off"]
-    del vlm, steps
+    res["peak_mem_ratio"] = peak["on"] / max(peak["off"], 1)
     return res

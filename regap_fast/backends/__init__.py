@@ -1,20 +1,26 @@
-"""Which implementation runs an op: ``torch`` (reference), ``triton`` or ``cuda`` (``regap_fast._C``).
+"""Which implementation runs an op: ``torch`` (plain PyTorch), ``triton`` (``kernels/``) or ``cuda``
+(``regap_fast._C``, built from ``csrc/``).
 
 Kernels come in families; a backend that provides a family provides all of its primitives with the
-same contracts, so the ops dispatch to any backend alike:
+same names and contracts (one name per primitive in Python, in ``_C`` and in the ``.h``), so the ops
+dispatch to any backend alike:
 
-==========  ============================================================  ==========================
-family      primitives                                                    modules
-==========  ============================================================  ==========================
-gap_loss    ``pool_gap_forward``, ``masked_mean_forward``,                torch: ``regap_fast.reference``
-            ``broadcast_rows``                                            triton: ``kernels/gap_loss.py``
-text_pool   ``gather_mean_forward``                                       (same modules)
-projector   ``gelu_gemm_forward``, ``dgelu_gemm_backward``                triton: ``kernels/projector.py``
-==========  ============================================================  ==========================
+==========  ========================================================  ===============================
+family      primitives                                                contract
+==========  ========================================================  ===============================
+gap_loss    ``gap_loss_forward``, ``masked_mean_forward``,            pooling, the gap, its broadcast
+            ``broadcast_rows``                                        backward
+text_pool   ``gather_mean_forward``                                   the caption side from token ids
+projector   ``gelu_pool_forward``, ``dgelu_backward``, ``mean_split``   the memory-bound passes around
+                                                                      the projector's cuBLAS GEMMs
+==========  ========================================================  ===============================
 
-The cuda backend is ``regap_fast._cuda_backend`` (one module over ``regap_fast._C``). The torch
-backend provides every family; its ``projector`` primitives are plain PyTorch ops (cuBLAS GEMMs and
-PyTorch's own GELU kernels on a GPU).
+Modules: ``backends/torch_backend.py``, ``kernels/gap_loss.py`` and ``kernels/projector.py`` (triton),
+``backends/cuda_backend.py`` (over ``regap_fast._C``). Argument shapes: ``regap_fast/contracts.py``.
+
+Determinism, one contract for every family and backend: the same inputs give bitwise the same
+outputs run after run (fixed-order partial sums and finish kernels; no atomics anywhere). Backends
+agree with each other to rounding, not bitwise.
 """
 
 from __future__ import annotations
@@ -29,18 +35,17 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 FAMILIES = {
-    "gap_loss": ("pool_gap_forward", "masked_mean_forward", "broadcast_rows"),
+    "gap_loss": ("gap_loss_forward", "masked_mean_forward", "broadcast_rows"),
     "text_pool": ("gather_mean_forward",),
-    "projector": ("gelu_gemm_forward", "dgelu_gemm_backward"),
+    "projector": ("gelu_pool_forward", "dgelu_backward", "mean_split"),
 }
 _TRITON_FILES = {"gap_loss": "gap_loss", "text_pool": "gap_loss", "projector": "projector"}
 
 # What "auto" picks for CUDA tensors, in order of preference; the torch backend comes after these.
 # gap_loss: the faster backend measured on an H100 at LLaVA-1.5-7B shapes (benchmarks/results/: fwd+bwd
-# 93.7 us cuda vs 102.0 us triton). projector: cuda's epilogues beat Triton's GEMMs on an H200
-# (4.04 vs 4.78 ms fwd+bwd at B=32, Ni=576, D=4096, bf16, README "Performance"), though both then lost
-# to the plain projector; the torch backend's PyTorch-ops path is not measured yet
-# (benchmarks/run_gpu.py compares all three). text_pool: Triton's, the one that has run on a GPU.
+# 93.7 us cuda vs 102.0 us triton). text_pool: Triton's, the one that has run on a GPU. projector: NOT
+# YET MEASURED in its current design (every backend runs the same cuBLAS GEMMs; cuda and triton fold
+# REGAP into the GELU passes, torch adds passes): a prior, for benchmarks/run_gpu.py to confirm or change.
 AUTO_ON_CUDA = {"gap_loss": ("cuda", "triton"), "text_pool": ("triton", "cuda"), "projector": ("cuda", "triton")}
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,7 +59,7 @@ class BackendUnavailable(ValueError):
 def _import(name: str, family: str) -> tuple[ModuleType | None, str]:
     """The module of backend ``name`` that provides ``family``, or None and the reason."""
     if name == "torch":
-        mod = importlib.import_module("regap_fast.reference")
+        mod = importlib.import_module("regap_fast.backends.torch_backend")
     elif name == "triton":
         try:
             mod = importlib.import_module(f"regap_fast.kernels.{_TRITON_FILES[family]}")
@@ -67,7 +72,7 @@ def _import(name: str, family: str) -> tuple[ModuleType | None, str]:
             return None, (f"the CUDA extension regap_fast._C is not built ({exc}); reinstall with a CUDA "
                           "toolkit and a CUDA build of PyTorch present: "
                           "REGAP_FAST_BUILD_CUDA=1 pip install -e . --no-build-isolation")
-        mod = importlib.import_module("regap_fast._cuda_backend")
+        mod = importlib.import_module("regap_fast.backends.cuda_backend")
     missing = [f for f in FAMILIES[family] if not hasattr(mod, f)]
     if missing:
         return None, f"backend {name!r} has no {family} kernels ({', '.join(missing)})"
@@ -78,12 +83,6 @@ def clear_cache() -> None:
     """Forget which backend modules imported, and how: the next query imports again (after the
     extension is built or removed in a running process, and in tests that hide it)."""
     _import.cache_clear()
-
-
-def triton_interpreted() -> bool:
-    """True when the Triton kernels were compiled for the CPU interpreter (TRITON_INTERPRET=1)."""
-    mod, _ = _import("triton", "gap_loss")
-    return bool(mod is not None and mod.INTERPRETED)
 
 
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype, family: str = "gap_loss") -> str:

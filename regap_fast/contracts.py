@@ -1,10 +1,10 @@
-"""The shapes that every backend's primitives share (torch, Triton, CUDA): one definition each.
+"""The argument and result shapes every backend's primitives share (torch, Triton, CUDA): one definition each.
 
 ``broadcast_rows`` writes the backward of a masked mean: one vector per sample, scaled per side, to
 every valid row of that side. Each side is described by a ``BroadcastSide``; ``None`` means the
 side's gradient is not needed and nothing is written for it.
 
-``pool_gap_forward`` returns its per-sample statistics as one ``[3, B]`` tensor (a custom op returns
+``gap_loss_forward`` returns its per-sample statistics as one ``[3, B]`` tensor (a custom op returns
 tensors, not tuples of names); ``GapStats.of`` names its rows.
 """
 
@@ -29,11 +29,11 @@ class BroadcastSide(NamedTuple):
 
 
 class GapStats(NamedTuple):
-    """The rows of ``pool_gap_forward``'s ``[3, B]`` stats tensor."""
+    """The rows of ``gap_loss_forward``'s ``[3, B]`` stats tensor."""
 
-    inv_image: Tensor  # 1 / n_image, 0 for a sample without image tokens
-    inv_text: Tensor   # 1 / n_text, 0 for a sample without caption tokens
-    weight: Tensor     # the sample's weight in the loss: valid flag, / n_valid for reduction="mean"
+    inv_image: Tensor    # 1 / n_image, 0 for a sample without image tokens
+    inv_caption: Tensor  # 1 / n_caption, 0 for a sample without caption tokens
+    weight: Tensor       # the sample's weight in the loss: valid flag, / n_valid for reduction="mean"
 
     @classmethod
     def of(cls, stats: Tensor) -> "GapStats":

@@ -1,0 +1,110 @@
+"""``regap-fast gap`` on a transformers vision-language model folder, with the model's own processor and
+chat template (any family of docs/integrations.md; the folder holds the model and its processor, as
+``save_pretrained`` writes them).
+
+Each pair becomes one conversation, rendered by the processor's chat template: the user turn is the
+record's own question (its human turn, the ``<image>`` placeholder dropped) with the image, the
+assistant turn is the caption. The gap is ``regap_fast.core``'s at the language model's input, the
+``inputs_embeds`` it receives: image positions at the image placeholders, caption positions the
+caption's own tokens (``caption_mask`` of the caption's span: the template's markers around it are not
+caption tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+class GapInputs(NamedTuple):
+    """What the gap of one batch is computed from: ``modality_gap(image, caption, image_mask, caption_mask)``
+    at the LLM input, and the LLM's hidden states with the image and caption positions in the sequence."""
+
+    image: object
+    caption: object
+    image_mask: object
+    caption_mask: object
+    hidden: Optional[Sequence] = None
+    hidden_image_mask: object = None
+    hidden_caption_mask: object = None
+
+
+def is_transformers_folder(path) -> bool:
+    """A transformers model folder with a processor (not one of regap_fast's own model or run folders)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file() or not any((path / name).is_file() for name in PROCESSOR_FILES):
+        return False
+    return "format" not in json.loads(config.read_text())
+
+
+class TransformersVLM:
+    """A transformers VLM and its processor, measured as ``measure_gap`` measures the library's own model."""
+
+    def __init__(self, model, processor):
+        from ..integrations.transformers import check_supported, placeholder_ids, special_ids_of
+
+        check_supported(model)
+        self.model, self.processor = model.eval(), processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        if not getattr(processor, "chat_template", None):
+            raise ValueError("the model's processor has no chat template: the pairs cannot be put into its format")
+        self.placeholders = placeholder_ids(model)
+        self.special_ids = special_ids_of(model, self.tokenizer.all_special_ids)
+
+    @classmethod
+    def from_folder(cls, path, device: str = "cpu", dtype=None) -> "TransformersVLM":
+        """The model (``AutoModelForImageTextToText``) and its processor from a local folder."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto")
+        return cls(model.to(device), AutoProcessor.from_pretrained(str(path)))
+
+    def _conversation(self, prompt: str, caption: str) -> str:
+        user = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False)
+
+    def _caption_span(self, prompt: str, caption: str) -> tuple[int, int]:
+        """(tokens after the caption, caption tokens) in the rendered conversation: what differs from the same
+        conversation with an empty caption. The image tokens come before, so the count from the end holds
+        after the processor expands them."""
+        from ..data.llava import common_prefix_length
+
+        full, empty = (self.tokenizer(self._conversation(prompt, c), add_special_tokens=False)["input_ids"]
+                       for c in (caption, ""))
+        start = common_prefix_length(full, empty)
+        after = common_prefix_length(full[start:][::-1], empty[start:][::-1])
+        return after, len(full) - start - after
+
+    def gap_inputs(self, images: Sequence, captions: Sequence[str], prompts: Sequence[str],
+                   per_layer: bool) -> GapInputs:
+        """One forward over the pairs; the LLM's inputs_embeds (and hidden states) with the two masks."""
+        import torch
+
+        from ..core import caption_mask
+        from ..integrations.transformers import LanguageModelInputs
+
+        texts = [self._conversation(p, c) for p, c in zip(prompts, captions)]
+        batch = self.processor(text=texts, images=[[im] for im in images], padding=True, padding_side="right",
+                               add_special_tokens=False, return_tensors="pt")
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for row, (length, (after, n)) in enumerate(zip(batch["attention_mask"].sum(1).tolist(),
+                                                       map(self._caption_span, prompts, captions))):
+            labels[row, length - after - n:length - after] = ids[row, length - after - n:length - after]
+        dtype = next(self.model.parameters()).dtype
+        inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+        with LanguageModelInputs(self.model) as seen:
+            out = self.model(**inputs, output_hidden_states=per_layer)
+        embeds = seen[0]
+        image_mask = torch.isin(ids, torch.tensor(self.placeholders)).to(embeds.device)
+        caption = caption_mask(ids, labels, self.special_ids).to(embeds.device)
+        hidden = None
+        if per_layer:  # BLIP-2 keeps the LM's outputs apart
+            hidden = getattr(out, "hidden_states", None) or out.language_model_outputs.hidden_states
+        return GapInputs(embeds, embeds, image_mask, caption, hidden, image_mask, caption)

@@ -1,0 +1,96 @@
+"""`regap-fast gap` on transformers VLM folders (tiny model + processor written here, nothing from a hub), on
+LLaVA-format image-caption data: the per-pair gaps against a float64 computation by hand from the
+inputs_embeds the model's language model receives, caption positions read off the tokens."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import gaps_float64  # noqa: E402
+from tiny_processors import CAPTION_IDS, PROCESSORS, WORDS, needs, save_folder  # noqa: E402
+from vlm_families import BY_NAME, IMAGE  # noqa: E402
+
+from regap_fast.cli import main  # noqa: E402
+
+ASSISTANT = 10  # the role word's id (tiny_processors: markers, then "user", "assistant")
+CAPTIONS = [" ".join(WORDS[i:i + n]) for i, n in ((0, 3), (5, 5), (12, 2), (20, 4))]
+QUESTION = f"{WORDS[30]} {WORDS[31]}"
+
+
+FOLDERS = [pytest.param(n, id=n, marks=needs(n)) for n in PROCESSORS]
+
+
+def write_pairs(root):
+    (root / "imgs").mkdir(parents=True)
+    records = []
+    for i, cap in enumerate(CAPTIONS):
+        Image.new("RGB", (16 + 4 * i, 16), (60 * i % 256, 120, 200 - 40 * i)).save(root / "imgs" / f"{i}.png")
+        records.append({"id": f"p{i}", "image": f"imgs/{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": cap}]})
+    (root / "pairs.json").write_text(json.dumps(records))
+    return root / "pairs.json"
+
+
+def gaps_by_hand(folder, name, root):
+    """Vanilla transformers on the folder, one pair at a time; the caption: the words after 'assistant'."""
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    gaps = []
+    for i, cap in enumerate(CAPTIONS):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": cap}]}]
+        text = processor.apply_chat_template(messages, tokenize=False)
+        batch = processor(text=[text], images=[[Image.open(root / "imgs" / f"{i}.png").convert("RGB")]],
+                          add_special_tokens=False, return_tensors="pt")
+        seen = []
+        hook = model.get_submodule(BY_NAME[name].lm).register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+        with torch.no_grad():
+            model(**batch)
+        hook.remove()
+        ids = batch["input_ids"]
+        after_role = torch.arange(ids.shape[1]) > int((ids[0] == ASSISTANT).nonzero().max())
+        caption = after_role & torch.isin(ids, torch.tensor(CAPTION_IDS))
+        assert int(caption.sum()) == len(cap.split())
+        g, valid = gaps_float64(seen[0], seen[0], ids == IMAGE, caption)
+        assert valid.all()
+        gaps.append(float(g[0]))
+    return gaps
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_gap_of_a_transformers_folder_is_the_gap_at_its_llm_input(name, tmp_path, capsys):
+    folder = save_folder(tmp_path / "model", name)
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["gap", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "3",
+                 "--no-progress"]) == 0
+    assert "per-sample gap: mean" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "gap_samples.csv").read_text().splitlines()))
+    assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(CAPTIONS))]
+    expected = gaps_by_hand(folder, name, tmp_path / "data")
+    torch.testing.assert_close(torch.tensor([float(r["gap"]) for r in rows], dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    result = json.loads((out / "gap.json").read_text())
+    layers = BY_NAME[name].build().config.text_config.num_hidden_layers
+    assert result["n_pairs"] == len(CAPTIONS) and len(result["per_layer"]) == layers + 1
+    assert result["gap"]["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_a_processor_without_a_chat_template_is_one_clear_error(tmp_path, capsys):
+    folder = save_folder(tmp_path / "model", "LLaVA-1.5")
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    config = json.loads((folder / "processor_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "processor_config.json").write_text(json.dumps(config))
+    assert main(["gap", str(folder), "--data", str(write_pairs(tmp_path / "data")), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "regap-fast gap: error: the model's processor has no chat template: the pairs cannot be put " \
+                      "into its format"

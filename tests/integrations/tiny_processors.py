@@ -1,0 +1,91 @@
+"""Processors for the tiny family models, built offline: a word-level tokenizer made with the ``tokenizers``
+library, each family's own image processor (the PIL one: no torchvision needed) and a chat template.
+``save_folder`` writes a model folder as ``save_pretrained`` users have them (model + processor)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from vlm_families import BY_NAME, END, FIRST_WORD, IMAGE, START, V, VIDEO
+
+# ids below FIRST_WORD are the families' special ids; the chat template's markers and roles come next
+SPECIAL = {"<pad>": 0, "<s>": 1, "</s>": 2, "<|im_start|>": 7}
+MARKERS = ["<|im_end|>"]  # = FIRST_WORD
+ROLES = ["user", "assistant"]
+WORDS = [f"w{i}" for i in range(FIRST_WORD + len(MARKERS) + len(ROLES), V)]  # what captions are written in
+CAPTION_IDS = list(range(V - len(WORDS), V))
+
+# a ChatML-like template; image entries become the family's placeholder
+CHAT = ("{% for m in messages %}<|im_start|> {{ m['role'] }} "
+        "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}IMAGE {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+        "{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = None):
+    """A whitespace word-level tokenizer: the special tokens at their family ids, then markers, roles, words.
+    ``named``: special tokens a processor looks up by attribute (``tokenizer.boi_token``, ...)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIAL, **placeholders)
+    vocab.update({t: FIRST_WORD + i for i, t in enumerate(MARKERS + ROLES)})
+    vocab.update({w: i for w, i in zip(WORDS, CAPTION_IDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in [*SPECIAL, *placeholders, *MARKERS]])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"im_end": "<|im_end|>", **(named or {})})
+
+
+def qwen2_vl_processor():
+    """Qwen2-VL's processor; transformers builds its video processor with torchvision."""
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = word_tokenizer({"<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO, "<|vision_start|>": START,
+                                "<|vision_end|>": END})
+    grid = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=16 * 16)
+    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**grid),  # every image 16 x 16: 4 tokens
+                            video_processor=Qwen2VLVideoProcessor(**grid), tokenizer=tokenizer,
+                            chat_template=CHAT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
+
+
+def llava_processor():
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE})
+    images = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=1,
+                          vision_feature_select_strategy="default", chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def gemma3_processor():
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
+    names = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tokenizer = word_tokenizer(dict(zip(names.values(), (IMAGE, START, END))), names)
+    images = Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
+    return Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=4,
+                           chat_template=CHAT.replace("IMAGE", "<start_of_image>"))
+
+
+PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor}
+
+
+def needs(name):
+    """Qwen2-VL's processor builds a video processor, which transformers makes with torchvision."""
+    import pytest
+
+    missing = name == "Qwen2-VL" and importlib.util.find_spec("torchvision") is None
+    return [pytest.mark.skipif(missing, reason="Qwen2VLProcessor needs torchvision (its video processor)")]
+
+
+def save_folder(path: Path, family_name: str, seed: int = 0) -> Path:
+    """A transformers VLM folder: the family's tiny model and its processor, saved as a user has them."""
+    model = BY_NAME[family_name].build(seed)
+    model.save_pretrained(path)
+    PROCESSORS[family_name]().save_pretrained(path)
+    return path
