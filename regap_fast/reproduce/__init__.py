@@ -84,7 +84,8 @@ FIELD_HELP = {"images": "synthetic image-caption pairs", "stage2_text_share": "s
               "stage2_lr": "stage 2's peak learning rate (the LM's, and the projector's unless the next is set)",
               "stage2_projector_lr": "the projector's own peak learning rate in stage 2 (0: --stage2-lr)",
               "stage2_train_lm": "stage 2 trains the LM (--no-stage2-train-lm: the projector alone)",
-              "stage2_regap": "REGAP stays on in stage 2, at the run's stage-1 lambda"}
+              "stage2_regap": "REGAP stays on in stage 2, at the run's stage-1 lambda",
+              "eval_stride": "evaluate the held-out requests at positions 0, k, 2k, ... (PLAN v2: 2; 1: all of them)"}
 
 
 def _flag(name: str) -> str:
@@ -144,6 +145,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if args.regap_weight is not None and (min(args.regap_weight) < 0 or max(args.regap_weight) == 0):
         raise ValueError("--regap-weight must be >= 0, one of them > 0 (the baseline 0 is always run)")
+    if args.eval_stride < 1:
+        raise ValueError(f"--eval-stride must be >= 1, got {args.eval_stride}")
+    if args.select_stage2 and _flag("eval_stride") in _changed(args):
+        raise ValueError("--select-stage2 evaluates every held-out request, as the committed screening did: "
+                         "drop --eval-stride")
     if not 0.0 <= args.stage2_text_share < 1.0:
         raise ValueError(f"--stage2-text-share must be in [0, 1), got {args.stage2_text_share:g}")
     if args.stage2_projector_lr < 0:
@@ -288,7 +294,8 @@ def write_outputs(out: Path, outcome: dict, design, settings, meta: dict) -> tup
     paths = [out / "summary.json", out / "report.md"]
     paths[0].write_text(json.dumps(summary, indent=1) + "\n")
     paths[1].write_text(format_report(report, {**meta, "design": design, "base": settings}) + "\n")
-    paths += write_figures(out, report, res) + write_answers(out, res, meta["n_harmful"], meta["n_benign"])
+    paths += write_figures(out, report, res) + write_answers(out, res, settings.heldout_harmful,
+                                                              settings.heldout_benign, settings.eval_stride)
     return paths, report
 
 

@@ -18,11 +18,12 @@ KIND_NAMES = {"refusal_judge_unsafe_ours_other": "RefusalJudge unsafe, ours `oth
               "refusal_judge_safe_ours_harmful": "RefusalJudge safe, ours `harmful_compliance`"}
 
 
-def sample_ids(n_harmful: int, n_benign: int) -> set[str]:
-    """The fixed prompts of the sample (positions past a smaller held-out set are left out)."""
+def sample_ids(n_harmful: int, n_benign: int, stride: int = 1) -> set[str]:
+    """The fixed prompts of the sample, among the held-out positions 0, stride, 2 stride, ... of sets of
+    ``n_harmful`` and ``n_benign`` (PLAN 10.3's cut, stride 2: an odd position p becomes p - 1)."""
     s = study.ANSWER_SAMPLE
-    return ({f"harmful-{p:04d}" for p in s["harmful_positions"] if p < n_harmful}
-            | {f"benign-{p:04d}" for p in s["benign_positions"] if p < n_benign})
+    return ({f"harmful-{p - p % stride:04d}" for p in s["harmful_positions"] if p < n_harmful}
+            | {f"benign-{p - p % stride:04d}" for p in s["benign_positions"] if p < n_benign})
 
 
 def _record(answer: dict, stage: str, row: dict) -> dict:
@@ -34,10 +35,10 @@ def _record(answer: dict, stage: str, row: dict) -> dict:
             "refusal_judge_unsafe": answer["refusal_judge_unsafe"]}
 
 
-def answer_sample(res: Results, n_harmful: int, n_benign: int) -> list[dict]:
+def answer_sample(res: Results, n_harmful: int, n_benign: int, stride: int = 1) -> list[dict]:
     """The sample's answers: the sample seed's stage-1 model and every arm's final model, both lambdas (the
     keep-on arm's lambda-0 model is the base arm's, not repeated), all conditions, harmful then benign."""
-    s, ids = study.ANSWER_SAMPLE, sample_ids(n_harmful, n_benign)
+    s, ids = study.ANSWER_SAMPLE, sample_ids(n_harmful, n_benign, stride)
     out = []
     for w in [w for w in s["lambdas"] if w in res.design.lambdas]:
         for stage in res.stages():
@@ -109,8 +110,9 @@ def by_class_markdown(examples: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_answers(out: Path, res: Results, n_harmful: int, n_benign: int) -> list[Path]:
-    records = answer_sample(res, n_harmful, n_benign)
+def write_answers(out: Path, res: Results, n_harmful: int, n_benign: int, stride: int = 1) -> list[Path]:
+    """``n_harmful``, ``n_benign``: the full held-out sets; ``stride``: every stride-th of them evaluated."""
+    records = answer_sample(res, n_harmful, n_benign, stride)
     paths = [out / "answers-sample.jsonl", out / "answers-sample.md", out / "answers-by-class.md"]
     paths[0].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     paths[1].write_text(sample_markdown(records), encoding="utf-8")

@@ -31,7 +31,9 @@ def _settings_differ(committed: dict, base: Settings) -> list[str]:
     ours = base.to_dict()
     differ = [k for k, v in committed.items() if k in ours and ours[k] != v]
     # the study's two new stage-2 fields did not exist then: the committed run had their defaults
-    return differ + [k for k in ("stage2_train_lm", "stage2_regap") if ours[k] != getattr(Settings(), k)]
+    # ... and evaluated every held-out request (eval_stride 1)
+    return differ + [k for k in ("stage2_train_lm", "stage2_regap") if ours[k] != getattr(Settings(), k)] + \
+        [k for k in ("eval_stride",) if k not in committed and ours[k] != 1]
 
 
 def committed_run(res: Results, base: Settings, path: Path | None) -> dict:

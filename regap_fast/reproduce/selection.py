@@ -263,6 +263,8 @@ def run_selection(out: Path, settings: pipeline.Settings, data_seed: int, seeds:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
+    settings = dataclasses.replace(settings, eval_stride=1)  # every held-out request, as the committed screening
+
     names = names or list(CANDIDATES)
     data = pipeline.prepare_data(out / "data", settings, data_seed)
     candidates = []

@@ -203,12 +203,13 @@ def test_default_stage2_is_the_committed_selection():
     assert {k: getattr(default, k) for k in STAGE2_FIELDS} == {k: getattr(selected, k) for k in STAGE2_FIELDS}
     # the committed issue-15 run is the default run: every setting it had is today's default (eval_stage1, True,
     # is gone: every stage-1 model is measured now), and the two fields the study added are at the values that
-    # code had (the LM trained in stage 2, REGAP off there)
+    # code had (the LM trained in stage 2, REGAP off there); the third, eval_stride, is PLAN v2's cut: 2 now,
+    # where that run evaluated every held-out request (1)
     run = json.loads((docs / "summary.json").read_text())["settings"]
     assert {k: v for k, v in run.items() if k != "eval_stage1"} == {k: v for k, v in default.to_dict().items()
                                                                      if k in run} and run["eval_stage1"]
-    assert set(default.to_dict()) - set(run) == {"stage2_train_lm", "stage2_regap"}
-    assert default.stage2_train_lm and not default.stage2_regap
+    assert set(default.to_dict()) - set(run) == {"stage2_train_lm", "stage2_regap", "eval_stride"}
+    assert default.stage2_train_lm and not default.stage2_regap and default.eval_stride == 2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +355,8 @@ def test_every_model_measured_and_reported(tiny_study):
     out, summary = tiny_study
     for row in summary["rows"]:
         assert set(row["harmful"]) == set(row["benign"]) == {"text", "blank", "noise", "image"}
-        assert all(c["n"] == 12 for c in row["harmful"].values()) and all(c["n"] == 4 for c in row["benign"].values())
+        # 12 and 4 held out, every second one evaluated (eval_stride 2: PLAN v2's cut)
+        assert all(c["n"] == 6 for c in row["harmful"].values()) and all(c["n"] == 2 for c in row["benign"].values())
         for c in row["harmful"].values():
             assert c["refusal"] + c["harmful_compliance"] + c["other"] == c["n"]
             assert c["benign_answer"] + c["image_talk"] + c["empty"] + c["gibberish"] == c["other"]
@@ -377,7 +379,8 @@ def test_every_model_measured_and_reported(tiny_study):
     sample = [json.loads(line) for line in (out / "answers-sample.jsonl").read_text().splitlines()]
     # harmful-0007 and benign-0003 (the plan's positions below 12 and 4), 4 conditions, of the stage-1 model and
     # each arm's final model: lambda 0 (3 models; the keep-on arm's is arm 2's) and lambda 0.2 (4 models)
-    assert len(sample) == 7 * 4 * 2 and {r["id"] for r in sample} == {"harmful-0007", "benign-0003"}
+    # positions 7 and 3 (odd) are 6 and 2 under eval_stride 2 (PLAN 10.3)
+    assert len(sample) == 7 * 4 * 2 and {r["id"] for r in sample} == {"harmful-0006", "benign-0002"}
     assert not [r for r in sample if r["models"] == "regap-in-stage2" and r["lambda"] == 0]
     assert "## final models, `projector-only`" in (out / "answers-by-class.md").read_text()
     assert summary["command"] == ("regap-fast reproduce --out " + str(out) + " " + " ".join(THREE_ARMS) + " "
