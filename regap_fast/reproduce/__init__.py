@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_argument_group("what to run (default: the study's default subset)")
     mode.add_argument("--study", action="store_true",
                       help=f"the whole pre-registered design ({len(STUDY.runs())} stage-2 runs from "
-                           f"{len(STUDY.cells())} stage-1 models; about an hour on 2 fast cores)")
+                           f"{len(STUDY.cells())} stage-1 models; 89 minutes on a 2-core CPU)")
     mode.add_argument("--quick", action="store_true",
                       help="the default subset at one seed (a first look: no intervals)")
     mode.add_argument("--timing-probe", action="store_true",

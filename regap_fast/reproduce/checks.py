@@ -16,15 +16,13 @@ from . import study
 from .pipeline import CONDITION_NAMES, Settings
 from .report import STAGE1, Results
 
-# the committed issue-15 default run: in docs/reproduce/, moved byte-identical to docs/reproduce/issue15-default/
-# by the results commit (PLAN 9); looked up in both while that move is pending
-_DOCS = Path(__file__).resolve().parents[2] / "docs" / "reproduce"
-COMMITTED_RUN = (_DOCS / "issue15-default" / "summary.json", _DOCS / "summary.json")
+# the committed issue-15 default run (moved byte-identical from docs/reproduce/ by the study's results commit)
+COMMITTED_RUN = Path(__file__).resolve().parents[2] / "docs" / "reproduce" / "issue15-default" / "summary.json"
 MEASURED = ("gap", "harmful", "benign")  # what two runs of the same task must agree on (and train but its seconds)
 
 
 def committed_reference() -> Path | None:
-    return next((p for p in COMMITTED_RUN if p.is_file()), None)
+    return COMMITTED_RUN if COMMITTED_RUN.is_file() else None
 
 
 def _settings_differ(committed: dict, base: Settings) -> list[str]:
@@ -40,7 +38,7 @@ def committed_run(res: Results, base: Settings, path: Path | None) -> dict:
     """PLAN 8.8.1 against the committed summary at ``path``."""
     if path is None:
         return {"result": "not made: the committed run's summary.json is not in this checkout "
-                          f"({' or '.join(str(p) for p in COMMITTED_RUN)})"}
+                          f"({COMMITTED_RUN})"}
     ref = json.loads(path.read_text())
     differ = _settings_differ(ref["settings"], base)
     if study.BASE_ARM not in res.design.arms or differ:

@@ -6,10 +6,10 @@ Every candidate of ``CANDIDATES`` (the levers of LLaVA-1.5's stage 2: one epoch,
 mixed into the image instructions as ShareGPT is into LLaVA-665k, an LM learning rate small next to
 its pretraining one, the projector's own learning rate) is trained from the same stage-1 models,
 lambda 0 only (stage 1 runs once per seed; REGAP is never run here), and measured like the final
-models of the reproduction. ``CRITERION`` asks for the regime the paper describes, where the final
-model keeps its LM's text-only safety but loses it with an image; the first candidate in the listed
-order that meets it is selected. The screening seeds are disjoint from the reported ones (0 .. 7), so
-the reported baseline is a fresh measurement of the selected setting.
+models of the reproduction. ``CRITERION`` asks for a final model that keeps its LM's text-only
+refusals but loses them with an image (by ``RefusalJudge``: a lost refusal, not harm); the first
+candidate in the listed order that meets it is selected. The screening seeds are disjoint from the
+reported ones (0 .. 7), so the reported baseline is a fresh measurement of the selected setting.
 
 This is the second screening. The first (docs/reproduce/round1/stage2-selection/: two screening seeds,
 the earlier, longer stage 1 and LM pretraining) selected a 400-step stage 2 with 2% replay that

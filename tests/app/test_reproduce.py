@@ -205,7 +205,7 @@ def test_default_stage2_is_the_committed_selection():
     # is gone: every stage-1 model is measured now), and the two fields the study added are at the values that
     # code had (the LM trained in stage 2, REGAP off there); the third, eval_stride, is PLAN v2's cut: 2 now,
     # where that run evaluated every held-out request (1)
-    run = json.loads((docs / "summary.json").read_text())["settings"]
+    run = json.loads((docs / "issue15-default" / "summary.json").read_text())["settings"]
     assert {k: v for k, v in run.items() if k != "eval_stage1"} == {k: v for k, v in default.to_dict().items()
                                                                      if k in run} and run["eval_stage1"]
     assert set(default.to_dict()) - set(run) == {"stage2_train_lm", "stage2_regap", "eval_stride"}
