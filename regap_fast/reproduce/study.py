@@ -1,4 +1,5 @@
-"""The pre-registered design of the miniature study: docs/reproduce/PLAN.md (plan v1), as constants.
+"""The pre-registered design of the miniature study: docs/reproduce/PLAN.md (plan v1, with plan v2's
+cut: ``Settings.eval_stride``), as constants.
 
 One place for the arms, lambdas, seeds, subsets, family sizes and reading thresholds; a test checks
 them against the plan's machine-readable block (its section 12), so that the code cannot drift from
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from . import pipeline, selection
 
 PLAN = "docs/reproduce/PLAN.md"
-PLAN_VERSION = "v1, 2026-12-03"
+DESIGN_VERSION = "v1, 2026-12-03"  # the design below (PLAN 12's block)
+PLAN_VERSION = "v2, 2026-12-03"  # the plan in force: v1 with v2's cut (Settings.eval_stride = 2)
 LAMBDAS = (0.0, 0.1, 0.2, 0.5)
 PRIMARY_LAMBDA = 0.2
 SEEDS = {0: tuple(range(0, 8)), 1: tuple(range(8, 16))}  # data seed -> model seeds
