@@ -1,23 +1,30 @@
-"""Triton kernels of regap_fast, installed as ``regap_fast.kernels`` (see setup.py and README.md here)."""
+"""Triton kernels of regap_fast, installed as ``regap_fast.kernels`` (see setup.py and README.md here).
 
-import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
+This folder is a package only under that name. Run from a checkout's root (pytest's rootdir, ``python -c``,
+a REPL), the folder would also be found as a top-level ``kernels`` and shadow the PyPI distribution of
+that name (which transformers >= 5.25 imports). So, imported as anything but ``regap_fast.kernels``, this
+file hands the name over to the installed ``kernels`` (the import system returns whatever
+``sys.modules`` holds once the module has run), or raises ModuleNotFoundError when none is installed.
+"""
 
+if __name__ != "regap_fast.kernels":
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+    from importlib.machinery import PathFinder as _PathFinder
 
-@triton.jit
-def _probe():
-    pass
+    def _installed_spec(name: str, checkout_root: str):
+        # every sys.path entry but the checkout's root (and "" when that is the working directory)
+        here = _os.path.realpath(checkout_root)
+        path = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != here]
+        return _PathFinder.find_spec(name, path)
 
-
-# True when TRITON_INTERPRET=1 was set before the kernels were imported: they then run on CPU tensors
-# (slowly; that is how the CPU tests exercise them)
-INTERPRETED = isinstance(_probe, InterpretedFunction)
-
-
-def target_programs(device: torch.device) -> int:
-    """Programs a grid should have: a few waves of the GPU's SMs; under the interpreter (which runs one
-    program at a time) few and large ones run fastest."""
-    if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 16
+    _spec = _installed_spec(__name__, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    if _spec is None:
+        del _sys.modules[__name__]
+        raise ModuleNotFoundError(
+            f"No module named {__name__!r} (this checkout's kernels/ folder is regap_fast.kernels, not a "
+            f"top-level package)", name=__name__)
+    _module = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _module  # before it runs: its own `import kernels.x` must find it
+    _spec.loader.exec_module(_module)

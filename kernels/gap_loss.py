@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from regap_fast.contracts import BroadcastSide
 
-from . import INTERPRETED, target_programs  # noqa: F401  (INTERPRETED: read by regap_fast.backends)
+from .runtime import INTERPRETED, target_programs  # noqa: F401  (INTERPRETED: read by regap_fast.backends)
 
 # --------------------------------------------------------------------------------------------------
 # kernels

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, target_programs
+from .runtime import INTERPRETED, target_programs
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
