@@ -113,6 +113,20 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     return final
 
 
+def remove_step_folders(out_dir: str | Path) -> list[Path]:
+    """Delete OUT/checkpoints/step-NNNNNNNN (and unfinished .tmp-step-*) folders: the checkpoints' own names,
+    which a fresh start must not resume or keep beside its own. Anything else in checkpoints/ stays."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_dir() and (STEP_DIR.match(p.name) or p.name.startswith(".tmp-step-"))]
+    for p in stale:
+        shutil.rmtree(p)
+    if stale:
+        log.warning("removed %d checkpoint folder(s) of an earlier run in %s", len(stale), folder)
+    return stale
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, Counters]:
     """Restore weights, optimizer, scheduler and this rank's RNG; returns (step, counters)."""
     path = Path(path)

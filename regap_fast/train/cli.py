@@ -50,7 +50,8 @@ def check_output_folder(out: Path, overwrite: bool, resume) -> None:
         if entries:
             shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
             raise FileExistsError(f"--out {out} is not empty ({shown}): pass --resume auto to continue the run in "
-                                  "it, --overwrite to start a new one there, or choose another folder")
+                                  "it, --overwrite to start a new one there (it deletes only what earlier runs of "
+                                  "regap-fast wrote; your own files stay), or choose another folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,8 +114,9 @@ class TrainConfig:
     save_model: bool = arg(True, "write the trained model to OUT/model at the end (load_model reads it)",
                            group="output")
     tensorboard: bool = arg(True, "also log to TensorBoard (OUT/tensorboard) when it is installed", group="output")
-    overwrite: bool = arg(False, "start a new run in a non-empty --out (its checkpoints/ and initial_model/ are "
-                          "deleted first; the command line refuses a non-empty --out without it)", group="output")
+    overwrite: bool = arg(False, "start a new run in a non-empty --out: the files earlier runs wrote there "
+                          "(listed in OUT/.regap_fast_written.json; checkpoints/step-*) are deleted first, anything "
+                          "else in it stays; the command line refuses a non-empty --out without it", group="output")
     plot: bool = arg(True, "plot loss and gap to OUT/metrics.png at the end", group="output")
     progress: bool = arg(True, "show a progress bar", group="output")
     # fields the recipe must not change although they hold their default (filled by the command line and

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from ..flags import add_aliases, add_progress_argument
+from .output_folder import OutputFolder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                     help="stage-1 steps per run"), "--steps")
     add_aliases(parser.add_argument("--global-batch-size", "--batch-size", type=int, default=32, dest="batch_size",
                                     metavar="N", help="stage-1 samples per optimizer step"), "--batch-size")
-    parser.add_argument("--lm-steps", type=int, default=400, metavar="N",
-                        help="steps of caption-only LM training that make the 'pretrained' LM")
+    parser.add_argument("--lm-steps", type=int, default=None, metavar="N",
+                        help="steps of caption-only LM training that make the 'pretrained' LM (default: 400, or "
+                             "--max-steps when that is smaller; a rerun with the same data, arch and LM steps "
+                             "reuses the LM it trained)")
     add_aliases(parser.add_argument("--synthetic-samples", "--samples", type=int, default=3000, dest="samples",
                                     metavar="N", help="synthetic image-caption pairs"), "--samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model inits and the data order")
@@ -53,7 +55,12 @@ def is_demo_folder(out: Path) -> bool:
         return False
 
 
+DEFAULT_LM_STEPS = 400
+
+
 def check_arguments(args: argparse.Namespace) -> None:
+    if args.lm_steps is None:  # a short demo (a smoke test) does not wait for the full base LM
+        args.lm_steps = min(DEFAULT_LM_STEPS, args.steps)
     for name in ("steps", "batch_size", "lm_steps", "samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -75,26 +82,61 @@ def caption_only_records(data_json: Path) -> Path:
     return path
 
 
+def base_key(args: argparse.Namespace) -> dict:
+    """What the data and the caption-only LM depend on: a rerun with the same key reuses them."""
+    return {"arch": args.arch, "lm_steps": args.lm_steps, "samples": args.samples, "seed": args.seed}
+
+
+def reusable_base(out: Path, key: dict) -> bool:
+    try:
+        return (json.loads((out / "base" / "demo_key.json").read_text()) == key
+                and (out / "base" / "model").is_dir() and (out / "base" / "summary.json").is_file())
+    except (OSError, ValueError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    check_arguments(args)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    folder = OutputFolder(out)
+    # a rerun replaces what the last demo wrote (the user's own files stay), keeping the rendered data (it
+    # checks its own stamp) and the caption-only LM when it was trained for the same settings
+    key = base_key(args)
+    reuse = reusable_base(out, key)
+    folder.remove_previous(keep=lambda rel: rel.startswith("data/") or (reuse and rel.startswith("base/")))
+    folder.begin()
+    try:
+        status = _run(args, out, key, reuse)
+    finally:
+        folder.record()
+    print(f"wrote {out / 'summary.json'}, {out / 'demo.png'} and the runs' metrics.jsonl "
+          f"({time.perf_counter() - t_start:.0f} s in all)")
+    return status
+
+
+def _run(args: argparse.Namespace, out: Path, key: dict, reuse: bool) -> int:
     from ..data import synthetic
     from .config import TrainConfig
     from .loop import train
     from .metrics import plot_runs
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    check_arguments(args)
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    for sub in ("base", *(f"regap_{w:g}" for w in (0.0, args.regap_weight))):
-        shutil.rmtree(out / sub, ignore_errors=True)  # a demo always starts from scratch (deterministic)
     data = synthetic.write_dataset(out / "data", args.samples, seed=args.seed)
+    # overwrite: a run folder of an older demo (no manifest) holds checkpoints the new run replaces
     common = dict(data=str(data), seed=args.seed, num_workers=args.num_workers, progress=args.progress,
-                  save_every=0, keep_checkpoints=1, eval_samples=128, plot=False, tensorboard=False)
+                  save_every=0, keep_checkpoints=1, eval_samples=128, plot=False, tensorboard=False, overwrite=True)
 
-    print(f"[1/3] the 'pretrained' LM ({args.arch}): {args.lm_steps} steps on the captions alone", flush=True)
-    lm = train(TrainConfig(**{**common, "data": str(caption_only_records(data))}, out=str(out / "base"), stage=2,
-                           arch=args.arch, prompt_format="plain", max_steps=args.lm_steps, global_batch_size=64,
-                           micro_batch_size=64, lr=3e-3, regap_weight=0.0, eval_every=0))
+    if reuse:
+        print(f"[1/3] the 'pretrained' LM ({args.arch}): reused from {out / 'base'} ({args.lm_steps} steps, same "
+              "data and seed)", flush=True)
+        lm = json.loads((out / "base" / "summary.json").read_text())
+    else:
+        print(f"[1/3] the 'pretrained' LM ({args.arch}): {args.lm_steps} steps on the captions alone", flush=True)
+        lm = train(TrainConfig(**{**common, "data": str(caption_only_records(data))}, out=str(out / "base"),
+                               stage=2, arch=args.arch, prompt_format="plain", max_steps=args.lm_steps,
+                               global_batch_size=64, micro_batch_size=64, lr=3e-3, regap_weight=0.0, eval_every=0))
+        (out / "base" / "demo_key.json").write_text(json.dumps(key))
     runs = []
     for i, weight in enumerate((0.0, args.regap_weight)):
         print(f"[{i + 2}/3] stage 1, lambda = {weight:g}: {args.steps} steps x {args.batch_size} samples", flush=True)
@@ -123,6 +165,4 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nREGAP: final gap {reg['final_gap']:.3f} vs {base['final_gap']:.3f} without "
           f"({100 * (1 - reg['final_gap'] / base['final_gap']):.0f}% smaller); caption loss "
           f"{reg['final_lm_loss']:.3f} vs {base['final_lm_loss']:.3f} (the LM alone, no image: {reference:.3f}).")
-    print(f"wrote {out / 'summary.json'}, {out / 'demo.png'} and the runs' metrics.jsonl "
-          f"({time.perf_counter() - t_start:.0f} s in all)")
     return 0

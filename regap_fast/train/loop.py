@@ -20,7 +20,6 @@ import contextlib
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,13 @@ from ..data import Collator
 from ..data.llava import TooManyBadRecords
 from ..model import VisionLanguageModel
 from . import report
-from .checkpoint import Counters, load_checkpoint, save_checkpoint
+from .checkpoint import Counters, load_checkpoint, remove_step_folders, save_checkpoint
 from .config import TrainConfig
 from .data_setup import batch_counts, first_example, load_data, make_loader, prompt_format, synthetic_source
 from .dist import Dist, setup_distributed
 from .errors import RunError
 from .metrics import MetricsLogger
+from .output_folder import OutputFolder
 from .model_setup import (attention_context, build_model, describe_trainable, export_model, model_inputs, setup_stage,
                           wrap)
 from .preflight import Plan, preflight
@@ -67,6 +67,7 @@ class Run:
     sdpa_ctx: Callable[[], ContextManager]  # SDPA held to its flash kernel, or nothing
     metrics: MetricsLogger
     facts: report.Facts
+    folder: OutputFolder  # what this run wrote in out (rank 0 keeps the manifest)
 
 
 def train(cfg: TrainConfig, plan: Optional[Plan] = None) -> dict:
@@ -77,24 +78,37 @@ def train(cfg: TrainConfig, plan: Optional[Plan] = None) -> dict:
     already run it (the command line does, before it imports this module)."""
     plan = plan or preflight(cfg)
     d = setup_distributed()
+    folder = OutputFolder(cfg.out)
     ok = False
     try:
-        run = setup(plan, d)
-        run_steps(run)
-        summary = finish(run)
+        try:
+            run = setup(plan, d, folder)
+        except BaseException:
+            if d.main:  # nothing trained: take back what this run wrote (a resumed run's files stay)
+                folder.discard()
+            raise
+        try:
+            run_steps(run)
+            summary = finish(run)
+        finally:
+            if d.main:
+                folder.record()
         ok = True
         return summary
     finally:
         d.close(ok)
 
 
-def setup(plan: Plan, d: Dist) -> Run:
+def setup(plan: Plan, d: Dist, folder: OutputFolder) -> Run:
     """Everything the loop needs, built in order: model, data, optimizer, the step to resume from."""
     cfg, ckpt = plan.cfg, plan.checkpoint
     out = Path(cfg.out)
-    if cfg.overwrite and d.main:  # a fresh start: nothing of the previous run may be resumed or reused
-        for stale in ("checkpoints", "initial_model"):
-            shutil.rmtree(out / stale, ignore_errors=True)
+    if d.main:
+        if cfg.overwrite:  # a fresh start: nothing of an earlier run may be resumed or reused; the user's stays
+            folder.remove_previous()
+            remove_step_folders(out)
+        folder.begin()
+    d.barrier()
     out.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
@@ -131,7 +145,7 @@ def setup(plan: Plan, d: Dist) -> Run:
                          malformed_records=source.malformed, unreadable_held_out_records=unreadable)
     metrics = MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard)
     run = Run(cfg, d, out, vlm, model, params, optimizer, scheduler, iter(loader), eval_loader, accum, total, start,
-              counters, amp, sdpa_ctx, metrics, facts)
+              counters, amp, sdpa_ctx, metrics, facts, folder)
     if d.main:
         report.log_plan(cfg, facts, total, d.world, accum)
     if counters.initial_eval is None and eval_loader is not None:
@@ -207,6 +221,8 @@ def run_steps(run: Run) -> None:
         if (cfg.save_every and step % cfg.save_every == 0) or step == run.total or stop:
             save_checkpoint(run.out, step, run.vlm, run.optimizer, run.scheduler, run.counters,
                             keep=cfg.keep_checkpoints, config=cfg.to_dict())
+            if run.d.main:
+                run.folder.record()
         if stop and step < run.total:
             log.info("stopped at step %d of %d (--stop-at-step); continue with --resume auto", step, run.total)
             break
