@@ -5,6 +5,8 @@ tests/conftest.py sets TRITON_INTERPRET before anything imports regap_fast; this
 by the test modules, after it.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,36 @@ def assert_rounded_close(got, ref64, dtype, what, atol=1e-6, ulps=1.0):
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got.double(), ref64, rtol=ulps * eps * 1.01, atol=atol, equal_nan=True,
                                msg=lambda m: f"{what}: {m}")
+
+
+# fp32 erf's absolute error, in units of fp32's eps (2^-23). PyTorch's vectorised CPU erf (AVX2 and AVX-512
+# alike) evaluates Abramowitz & Stegun 7.1.26, whose own error is 1.5e-7 (1.3 eps), in about ten fp32
+# operations (a division, a 5-term Horner polynomial, exp(-z^2) whose argument's rounding is amplified by
+# z^2) that add a few eps more; CUDA's erff is within 2 ulp. 8 eps bounds them all.
+ERF32_ABS_ERR = 8 * 2.0 ** -23
+
+
+def gelu_error_bound(x, dtype, ulps=1.0):
+    """Largest |GELU_dtype(x) - GELU64(x)| the math allows: the final rounding to dtype (``ulps`` of the
+    value, at least one subnormal step of dtype, where tiny values land) plus what fp32's erf error becomes
+    in 0.5 * x * (1 + erf(x / sqrt 2)) — 0.5 |x| ERF32_ABS_ERR, the term that dominates where 1 + erf
+    cancels (x < -2: GELU tiny, x not)."""
+    x = x.double()
+    ref = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    info = torch.finfo(dtype)
+    rounding = torch.clamp(ulps * info.eps * ref.abs(), min=info.smallest_normal * info.eps)
+    return rounding + 0.5 * x.abs() * ERF32_ABS_ERR
+
+
+def assert_gelu_close(h, pre, what="h"):
+    """h = GELU(pre) (exact erf) against float64, within ``gelu_error_bound``."""
+    x = pre.double()
+    ref = 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    err = (h.double() - ref).abs()
+    bound = gelu_error_bound(pre, h.dtype) * 1.01 + 1e-45
+    bad = (err > bound) & ~(h.isnan() & ref.isnan())
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} values off, worst "
+                           f"{(err / bound).max().item():.3g}x the bound")
 
 
 def rel_err(a, b):
