@@ -7,8 +7,24 @@ See README.md for the API, the training loop and the tools.
 
 import importlib
 import importlib.util
+import sys
 
 __version__ = "0.1.0"
+
+
+class _TorchBeforeExtension:
+    """``import regap_fast._C`` (the CUDA extension) links against torch's shared libraries, which only
+    ``import torch`` loads: without this, that import in a fresh interpreter fails on libc10.so."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == f"{__name__}._C":
+            import torch  # noqa: F401
+        return None  # the usual finders load the extension
+
+
+if _TorchBeforeExtension not in sys.meta_path:
+    sys.meta_path.insert(0, _TorchBeforeExtension)
 
 # public name -> the module that defines it, imported on first use: `regap-fast --help` and argument
 # errors import this package and must not pay for torch (seconds) or transformers (more seconds)

@@ -280,11 +280,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_processor(path: Path) -> None:
+    """A transformers VLM folder without its processor files: say that, not that the folder is unreadable."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if "format" not in meta and meta.get("model_type") not in (None, "llava"):
+        raise FileNotFoundError(f"{path} holds a transformers {meta['model_type']!r} model but not its processor "
+                                "(no preprocessor_config.json or processor_config.json): `gap` renders the pairs "
+                                "with the model's own processor; save it there with processor.save_pretrained(DIR)")
+
+
 def _load(args: argparse.Namespace):
     """A transformers VLM folder with its processor, else what ``load_model`` reads (the library's own)."""
     from .hf_gap import TransformersVLM, is_transformers_folder
 
     if is_transformers_folder(args.model):
         return TransformersVLM.from_folder(args.model, *device_and_dtype(args))
+    missing_processor(Path(args.model))
     vlm, _, _ = load_vlm(args)
     return vlm

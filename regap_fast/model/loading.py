@@ -38,9 +38,21 @@ def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = No
         return _load_ours(path, meta, device, dtype)
     if meta.get("model_type") == "llava":
         return _load_llava_hf(path, meta, device, dtype)
-    raise ValueError(f"{path} holds neither a regap_fast model (config.json 'format': {FORMAT!r}) nor a "
-                     f"transformers LlavaForConditionalGeneration (model_type 'llava'); got "
-                     f"model_type={meta.get('model_type')!r}")
+    raise ValueError(unreadable_folder_message(path, meta))
+
+
+def unreadable_folder_message(path: Path, meta: dict) -> str:
+    """Why ``load_model`` cannot read a folder, naming what is there and what would read it."""
+    kind = meta.get("model_type")
+    if kind is None:
+        return (f"{path} holds neither a regap_fast model (config.json 'format': {FORMAT!r}) nor a transformers "
+                "model (config.json has no 'model_type')")
+    has_processor = any((path / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    return (f"{path} holds a transformers {kind!r} model: this command reads regap_fast models and transformers "
+            f"LLaVA-1.5 folders (model_type 'llava') only; `regap-fast gap` reads every family of "
+            f"docs/integrations.md" + ("" if has_processor else
+                                        " from a folder that also holds its processor (processor.save_pretrained"
+                                        "(DIR) writes preprocessor_config.json), which this one lacks"))
 
 
 def _load_ours(path: Path, meta: dict, device, dtype) -> VisionLanguageModel:

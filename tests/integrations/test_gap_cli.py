@@ -94,3 +94,27 @@ def test_a_processor_without_a_chat_template_is_one_clear_error(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "regap-fast gap: error: the model's processor has no chat template: the pairs cannot be put " \
                       "into its format"
+
+
+@pytest.mark.parametrize("name", ["Qwen2-VL", "Gemma 3"])
+def test_a_folder_without_its_processor_files_says_so(name, tmp_path, capsys):
+    folder = tmp_path / "model"
+    BY_NAME[name].build().save_pretrained(folder)  # the model alone: no processor saved beside it
+    assert main(["gap", str(folder), "--data", str(write_pairs(tmp_path / "data")), "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("regap-fast gap: error: ") and "but not its processor" in err[-1], err[-1]
+    assert "processor.save_pretrained" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_model_names_the_family_it_cannot_read(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from regap_fast.model import load_model
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a transformers 'llama' model: this command reads regap_fast models"):
+        load_model(tmp_path)

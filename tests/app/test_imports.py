@@ -1,6 +1,7 @@
-"""Nothing in the checkout stands in for an installed distribution when the repository's root is on
-``sys.path`` (pytest's rootdir, ``python -c`` or a REPL in the clone): the top-level ``kernels/`` folder is
-``regap_fast.kernels``, and transformers (>= 5.25 imports the PyPI package ``kernels``) works from there."""
+"""Imports as a user types them in a fresh interpreter. Nothing in the checkout stands in for an installed
+distribution when the repository's root is on ``sys.path`` (pytest's rootdir, ``python -c`` or a REPL in
+the clone): the top-level ``kernels/`` folder is ``regap_fast.kernels``, and transformers (>= 5.25 imports
+the PyPI package ``kernels``) works from there. ``import regap_fast._C`` needs no ``import torch`` first."""
 
 import importlib.metadata
 import os
@@ -71,3 +72,14 @@ def test_a_transformers_model_builds_from_the_root():
         "print(type(m).__name__)")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "LlavaForConditionalGeneration"
+
+
+def test_the_extension_imports_without_torch_imported_first():
+    import importlib.util
+
+    if importlib.util.find_spec("regap_fast._C") is None:
+        pytest.skip("regap_fast._C is not built (a CPU-only install)")
+    run = python_in_root("import sys; import regap_fast._C as C; print(type(C.cuda_archs()).__name__, "
+                         "'torch' in sys.modules)")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["list", "True"]
