@@ -4,7 +4,8 @@ This folder is a package only under that name. Run from a checkout's root (pytes
 a REPL), the folder would also be found as a top-level ``kernels`` and shadow the PyPI distribution of
 that name (which transformers >= 5.25 imports). So, imported as anything but ``regap_fast.kernels``, this
 file hands the name over to the installed ``kernels`` (the import system returns whatever
-``sys.modules`` holds once the module has run), or raises ModuleNotFoundError when none is installed.
+``sys.modules`` holds once the module has run); when none is installed, to an empty namespace package
+(no ``__file__``, nothing in it), which is what transformers' availability check reads as "not installed".
 """
 
 if __name__ != "regap_fast.kernels":
@@ -20,11 +21,12 @@ if __name__ != "regap_fast.kernels":
         return _PathFinder.find_spec(name, path)
 
     _spec = _installed_spec(__name__, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-    if _spec is None:
-        del _sys.modules[__name__]
-        raise ModuleNotFoundError(
-            f"No module named {__name__!r} (this checkout's kernels/ folder is regap_fast.kernels, not a "
-            f"top-level package)", name=__name__)
+    if _spec is None:  # nothing installed: an empty namespace, not this folder's modules
+        from importlib.machinery import ModuleSpec as _ModuleSpec
+
+        _spec = _ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = _util.module_from_spec(_spec)
     _sys.modules[__name__] = _module  # before it runs: its own `import kernels.x` must find it
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
