@@ -47,6 +47,8 @@ def _pooled_output(parts: Tensor, w: Tensor, b: Optional[Tensor], batch: int) ->
 
 
 def _empty(like: Tensor) -> Tensor:
+    """The placeholder for a gradient nobody needs: a new tensor per call, as a custom op's outputs may
+    not alias each other (one ``_empty`` returned twice raises in the backward)."""
     return like.new_empty((0,))
 
 
@@ -99,7 +101,7 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
         if dpooled is not None:  # d pooled / d h[row] = W2 / n on the valid rows of each sample
             vec = join_hi_lo(mm_fp32(impl.mean_split(dpooled, counts, dtype), w2), B)
         dpre, db1 = impl.dgelu_backward(torch.mm(dout, w2), pre, mask_flat, rows_per_sample, vec, need_b1)
-        dw2 = db2 = _empty(w2)
+        dw2, db2 = _empty(w2), _empty(w2)
         if need_w2:
             if dpooled is None:
                 dw2 = torch.mm(dout.t(), h)
@@ -208,7 +210,7 @@ def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tens
     need_x, need_w, need_b = needs
     B, n, k = x.shape
     dout2d, x2d, dtype = dout.reshape(B * n, -1), x.reshape(B * n, k), x.dtype
-    dx = dw = db = _empty(w)
+    dx, dw, db = _empty(w), _empty(w), _empty(w)
     with _no_autocast(x.device):
         if need_w:
             dw = (torch.mm(dout2d.t(), x2d) if dpooled is None  # else: the rank-B term, then the GEMM into it
