@@ -46,6 +46,27 @@ def _pooled_output(parts: Tensor, w: Tensor, b: Optional[Tensor], batch: int) ->
     return pooled if b is None else pooled.add_(b)
 
 
+# fp16's smallest normal number is 2^-14: a per-sample gradient dpooled / n at LLaVA scale (~1e-7 at
+# lambda 0.1, B 32, n 576, D 4096) would keep a few subnormal bits (20% error of the vector). Each row
+# is scaled by a power of two (exact in fp32) so that its largest |value| lands in [2^13, 2^14), far
+# from fp16's 65504 and 37 binades above its subnormals, and the fp32 product is scaled back.
+# bf16 has fp32's exponent range and needs none.
+_FP16_ROW_TOP_EXPONENT = 14
+
+
+def _vector_times(impl, v: Tensor, counts: Optional[Tensor], w: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    """``(v / counts) @ w`` in fp32 (``v`` itself when counts is None), the [B, K] vector entering the
+    GEMM as ``mean_split``'s hi/lo rows of ``dtype``; in fp16 scaled as above so none of it underflows."""
+    if dtype != torch.float16:
+        return join_hi_lo(mm_fp32(impl.mean_split(v, counts, dtype), w), batch)
+    top = v.abs().amax(1)
+    if counts is not None:
+        top = top / counts.clamp(min=1)
+    exponent = (_FP16_ROW_TOP_EXPONENT - torch.frexp(top).exponent).clamp_(-126, 126)  # a finite fp32 scale
+    scale = torch.ldexp(torch.ones_like(top), exponent).unsqueeze(1)
+    return join_hi_lo(mm_fp32(impl.mean_split(v * scale, counts, dtype), w), batch).div_(scale)
+
+
 def _empty(like: Tensor) -> Tensor:
     """The placeholder for a gradient nobody needs: a new tensor per call, as a custom op's outputs may
     not alias each other (one ``_empty`` returned twice raises in the backward)."""
@@ -99,7 +120,7 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
     with _no_autocast(x2d.device):
         vec = None
         if dpooled is not None:  # d pooled / d h[row] = W2 / n on the valid rows of each sample
-            vec = join_hi_lo(mm_fp32(impl.mean_split(dpooled, counts, dtype), w2), B)
+            vec = _vector_times(impl, dpooled, counts, w2, B, dtype)
         dpre, db1 = impl.dgelu_backward(torch.mm(dout, w2), pre, mask_flat, rows_per_sample, vec, need_b1)
         dw2, db2 = _empty(w2), _empty(w2)
         if need_w2:
@@ -221,8 +242,8 @@ def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tens
         if need_x:
             dx = torch.mm(dout2d, w).view(B, n, k)
             if dpooled is not None:  # d pooled / d x[row] = W / n on the valid rows: an explicit add
-                split = backends.get(backend, "projector").mean_split(dpooled * inv_n[:, None], None, dtype)
-                vec = join_hi_lo(mm_fp32(split, w), B).to(dtype).unsqueeze(1)
+                impl = backends.get(backend, "projector")
+                vec = _vector_times(impl, dpooled * inv_n[:, None], None, w, B, dtype).to(dtype).unsqueeze(1)
                 dx.add_(vec if mask is None else torch.where(mask.unsqueeze(-1), vec, 0))
     return dx, dw, db
 
