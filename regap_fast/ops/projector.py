@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _dispatch
 from .._math import accumulation_dtype, join_hi_lo, mm_fp32
 from .._validation import check_projector_input
 
@@ -73,6 +74,11 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)``, skipped (no dispatcher call) when it would change nothing."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def _no_autocast(device: torch.device):
     """The ops run in the dtypes they are given: autocast (thread-local, still on inside a custom op
     called under it) must not recast their fp32 [B, D] work."""
@@ -84,8 +90,7 @@ def _no_autocast(device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::llava_projector_forward", mutates_args=())
-def _llava_forward(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+def _llava_forward_impl(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                    mask_flat: Optional[Tensor], counts: Tensor, rows_per_sample: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [M, D], pooled [B, D] fp32, and for the backward: pre, h [M, D], mean(h) as hi/lo rows)."""
@@ -99,6 +104,9 @@ def _llava_forward(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
     return out, pooled, pre, h, parts
 
 
+_llava_forward = torch.library.custom_op("regap_fast::llava_projector_forward", _llava_forward_impl, mutates_args=())
+
+
 @_llava_forward.register_fake
 def _(x2d, w1, b1, w2, b2, mask_flat, counts, rows_per_sample, backend):
     M, D, B = x2d.shape[0], w2.shape[0], counts.shape[0]
@@ -109,8 +117,7 @@ def _(x2d, w1, b1, w2, b2, mask_flat, counts, rows_per_sample, backend):
             x2d.new_empty((split * B, w1.shape[0])))
 
 
-@torch.library.custom_op("regap_fast::llava_projector_backward", mutates_args=())
-def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
+def _llava_backward_impl(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
                     h: Tensor, parts: Tensor, counts: Tensor, mask_flat: Optional[Tensor], rows_per_sample: int,
                     needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW1, db1, dW2, db2); an empty tensor for each one not in ``needs``."""
@@ -136,6 +143,10 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
     return dx, dw1, db1.to(dtype) if need_b1 else _empty(w1), dw2, db2
 
 
+_llava_backward = torch.library.custom_op("regap_fast::llava_projector_backward", _llava_backward_impl,
+                                          mutates_args=())
+
+
 @_llava_backward.register_fake
 def _(dout, dpooled, x2d, w1, w2, pre, h, parts, counts, mask_flat, rows_per_sample, needs, backend):
     shapes = (x2d.shape, w1.shape, w1.shape[:1], w2.shape, w2.shape[:1])
@@ -151,19 +162,21 @@ def _llava_setup_context(ctx, inputs, output):
     ctx.rows_per_sample, ctx.backend = rows_per_sample, backend
 
 
-def _llava_grad(ctx, dout, dpooled, *_unused):
+def _llava_grad(ctx, dout, dpooled, *_unused, backward):
     x2d, w1, w2, pre, h, parts, counts, mask_flat = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if (dout is None and dpooled is None) or not any(needs):
         return (None,) * 9
     if dout is None:  # only the pooled output was used
         dout = h.new_zeros(h.shape)
-    grads = torch.ops.regap_fast.llava_projector_backward(dout, dpooled, x2d, w1, w2, pre, h, parts, counts,
-                                                           mask_flat, ctx.rows_per_sample, needs, ctx.backend)
+    grads = backward(dout, dpooled, x2d, w1, w2, pre, h, parts, counts, mask_flat, ctx.rows_per_sample, needs,
+                     ctx.backend)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
-_llava_forward.register_autograd(_llava_grad, setup_context=_llava_setup_context)
+_dispatch.register_autograd(_llava_forward, _llava_setup_context, _llava_grad, _llava_backward)
+_LlavaProjector = _dispatch.autograd_function("_LlavaProjector", _llava_forward_impl, _llava_setup_context,
+                                              _llava_grad, _llava_backward_impl)
 
 
 def _counts(image_mask: Optional[Tensor], batch: int, n: int, device, dtype) -> Tensor:
@@ -189,11 +202,11 @@ def llava_projector(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
     dtype = compute_dtype(x)
     name = backends.resolve(backend, x.device, dtype, "projector")
     B, n, _ = x.shape
-    cast = [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2)]  # autograd sees the casts
+    cast = [_cast(t, dtype) for t in (x, w1, b1, w2, b2)]  # autograd sees the casts
     counts = _counts(image_mask, B, n, x.device, accumulation_dtype(dtype))
     mask_flat = None if image_mask is None else image_mask.reshape(-1)
-    out, pooled, *_ = torch.ops.regap_fast.llava_projector_forward(
-        cast[0].reshape(B * n, -1), *cast[1:], mask_flat, counts, n, name)
+    out, pooled, *_ = _dispatch.run(_LlavaProjector, _llava_forward, cast[0].reshape(B * n, -1), *cast[1:], mask_flat,
+                                    counts, n, name)
     return out.view(B, n, -1), pooled
 
 
@@ -202,8 +215,7 @@ def llava_projector(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::linear_projector_forward", mutates_args=())
-def _linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Tensor],
+def _linear_forward_impl(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Tensor],
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, N, D], pooled [B, D] fp32, and for the backward: mean(x) as hi/lo rows, 1/n [B])."""
     B, n, k = x.shape
@@ -215,6 +227,10 @@ def _linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Te
     return out, pooled, parts, inv_n
 
 
+_linear_forward = torch.library.custom_op("regap_fast::linear_projector_forward", _linear_forward_impl,
+                                          mutates_args=())
+
+
 @_linear_forward.register_fake
 def _(x, w, b, mask, backend):
     B, n, k = x.shape
@@ -224,8 +240,7 @@ def _(x, w, b, mask, backend):
             x.new_empty((split * B, k)), x.new_empty((B,), dtype=acc))
 
 
-@torch.library.custom_op("regap_fast::linear_projector_backward", mutates_args=())
-def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tensor, parts: Tensor, inv_n: Tensor,
+def _linear_backward_impl(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tensor, parts: Tensor, inv_n: Tensor,
                      mask: Optional[Tensor], needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dW, db); an empty tensor for each one not in ``needs``."""
     need_x, need_w, need_b = needs
@@ -248,6 +263,10 @@ def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tens
     return dx, dw, db
 
 
+_linear_backward = torch.library.custom_op("regap_fast::linear_projector_backward", _linear_backward_impl,
+                                           mutates_args=())
+
+
 @_linear_backward.register_fake
 def _(dout, dpooled, x, w, parts, inv_n, mask, needs, backend):
     return tuple(x.new_empty(s if need else (0,)) for s, need in zip((x.shape, w.shape, w.shape[:1]), needs))
@@ -262,19 +281,20 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _linear_grad(ctx, dout, dpooled, *_unused):
+def _linear_grad(ctx, dout, dpooled, *_unused, backward):
     x, w, parts, inv_n, mask = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if (dout is None and dpooled is None) or not any(needs):
         return (None,) * 5
     if dout is None:
         dout = x.new_zeros((*x.shape[:2], w.shape[0]))
-    grads = torch.ops.regap_fast.linear_projector_backward(dout, dpooled, x, w, parts, inv_n, mask, needs,
-                                                            ctx.backend)
+    grads = backward(dout, dpooled, x, w, parts, inv_n, mask, needs, ctx.backend)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
-_linear_forward.register_autograd(_linear_grad, setup_context=_linear_setup_context)
+_dispatch.register_autograd(_linear_forward, _linear_setup_context, _linear_grad, _linear_backward)
+_LinearProjector = _dispatch.autograd_function("_LinearProjector", _linear_forward_impl, _linear_setup_context,
+                                               _linear_grad, _linear_backward_impl)
 
 
 def linear_projector(x: Tensor, w: Tensor, b: Optional[Tensor], image_mask: Optional[Tensor] = None, *,
@@ -284,6 +304,6 @@ def linear_projector(x: Tensor, w: Tensor, b: Optional[Tensor], image_mask: Opti
     check_projector_input(x, image_mask, w.shape[1])
     dtype = compute_dtype(x)
     name = backends.resolve(backend, x.device, dtype, "projector")
-    cast = [None if t is None else t.to(dtype) for t in (x, w, b)]
-    out, pooled, _, _ = torch.ops.regap_fast.linear_projector_forward(*cast, image_mask, name)
+    cast = [_cast(t, dtype) for t in (x, w, b)]
+    out, pooled, _, _ = _dispatch.run(_LinearProjector, _linear_forward, *cast, image_mask, name)
     return out, pooled
