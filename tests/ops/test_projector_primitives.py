@@ -314,6 +314,25 @@ def test_mean_split(impl, dtype, with_counts):
         assert (parts[[1, B + 1] if split else [1]] == 0).all()  # n = 0: a zero mean
 
 
+def test_triton_launches_past_the_grid_limit(monkeypatch):
+    """More row programs than a grid's y dimension takes (65,535 on CUDA): the Triton passes launch in
+    several parts, each told its first program. Checked on any device with the limit set to 4."""
+    reason = backends.why_unavailable("triton", DEVICE, torch.float32, "projector")
+    if reason:
+        pytest.skip(reason)
+    impl = backends.get("triton", "projector")
+    monkeypatch.setattr(impl, "MAX_GRID_Y", 4)
+    M, N, rps, batch = 37, 20, 3, 13
+    pre = torch.randn(M, N, device=DEVICE) * 2
+    mask = sample_mask(M, rps)
+    _check_forward(impl, pre, mask, rps, batch)
+    _check_backward(impl, torch.randn(M, N, device=DEVICE), pre, mask, rps, torch.randn(batch, N, device=DEVICE),
+                    need_dbias=True)
+    v, counts = torch.randn(11, N, device=DEVICE), torch.arange(11, device=DEVICE, dtype=torch.float32)
+    parts = impl.mean_split(v, counts, torch.float16)  # (the interpreter truncates to bf16: fp16 here)
+    torch.testing.assert_close(parts, backends.get("torch", "projector").mean_split(v, counts, torch.float16))
+
+
 def test_fp16_per_sample_vector_keeps_its_precision(impl):
     """fp16 without a GradScaler: the backward's per-sample vector (dpooled / n) W2 at LLaVA-1.5 scale
     (lambda 0.1, B 32, n 576: |dpooled| ~ lambda / (B sqrt(4096)), |dpooled / n| ~ 1e-7, below fp16's
