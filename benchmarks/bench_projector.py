@@ -200,12 +200,16 @@ def profile_steps(kind: str, shape: dict, device, dtype, names=PROFILED, steps_p
 
 def profile_markdown(profiles: dict, results: dict | None = None) -> str:
     """One table per contender: every kernel with its time per step, the sum, and (given the timed
-    results) the launch gap: the step's median time minus the kernels' sum, what CUDA graphs would save."""
+    results) the device-timed step (the kernels plus the device's gaps between them) and the launch
+    overhead: the step as launched minus the kernels' sum, what Python, dispatch and launches add
+    when the step does not run ahead of the GPU (what CUDA graphs would save)."""
     lines = []
     for name, p in profiles.items():
-        step = (results or {}).get(name, {}).get("time", {}).get("median_ms")
-        gap = ("" if step is None
-               else f"; timed step {step * 1e3:.1f} us, launch gap {step * 1e3 - p['total_us']:.1f} us")
+        t = (results or {}).get(name, {}).get("time", {})
+        step, launched = t.get("median_ms"), t.get("launched", {}).get("median_ms")
+        gap = "" if step is None else f"; device-timed step {step * 1e3:.1f} us"
+        if launched is not None:
+            gap += f", as launched {launched * 1e3:.1f} us, launch overhead {launched * 1e3 - p['total_us']:.1f} us"
         lines += [f"### {name}: kernels {p['total_us']:.1f} us per step{gap}", "", "| kernel | calls | us per step |",
                   "| --- | --- | --- |"]
         lines += [f"| `{r['kernel']}` | {r['calls']} | {r['us']:.1f} |" for r in p["kernels"]]
@@ -225,7 +229,11 @@ def section(rehearse: bool, device, dtype, ceilings: dict, quick: bool = True, l
     out["profile"] = profile_steps("llava", llava, device, dtype, steps_per_profile=1 if rehearse else 3,
                                    warmup=1 if rehearse else 3)
     for name, p in out["profile"].items():
-        log(f"  profile {name:28s} {p['total_us']:.1f} us per step over {len(p['kernels'])} kernels")
+        timed = out["llava"]["results"].get(name, {}).get("time", {})
+        if "launched" in timed:  # what Python, dispatch and launches add to the kernels' sum
+            p["launch_overhead_us"] = timed["launched"]["median_ms"] * 1e3 - p["total_us"]
+        log(f"  profile {name:28s} {p['total_us']:.1f} us per step over {len(p['kernels'])} kernels, launch "
+            f"overhead {p.get('launch_overhead_us', float('nan')):.1f} us")
     for shape in minigpt4:
         row = bench("linear", shape, device, dtype, rate, rounds=rounds)
         out["minigpt4"].append(row)

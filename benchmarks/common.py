@@ -92,35 +92,76 @@ def time_cuda(fns: Sequence[Callable[[], object]], *, warmup: int = 5, reps: int
     return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+_SLEEP_CYCLES_PER_MS: float | None = None
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep`` (measured once)."""
+    global _SLEEP_CYCLES_PER_MS
+    if _SLEEP_CYCLES_PER_MS is None:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm-up
+        s.record()
+        torch.cuda._sleep(10_000_000)
+        e.record()
+        e.synchronize()
+        _SLEEP_CYCLES_PER_MS = 10_000_000 / max(s.elapsed_time(e), 1e-3)
+    return _SLEEP_CYCLES_PER_MS
+
+
 def time_interleaved(variants: dict[str, Sequence[Callable[[], object]]], *, warmup: int = 3, rounds: int = 20,
-                     per_round: int = 3) -> dict[str, dict]:
+                     per_round: int = 3, device: bool = True) -> dict[str, dict]:
     """Time several variants in alternation (A B A B ...): slow drifts (clocks, temperature) hit all alike.
 
-    On a GPU each call is timed by CUDA events around it; on the CPU (rehearsals) by the wall clock.
+    On a GPU each call is timed by CUDA events around it. ``device=True``: device time (``median_ms``):
+    a ``torch.cuda._sleep`` long enough to cover the call's host time is enqueued first, so the call's
+    kernels are all queued before the start event fires and the events see the device, not Python and
+    the launch queue; besides, one call per variant and round is timed as launched from an idle GPU
+    (``launched``; what an eager step that does not run ahead of the GPU sees), and
+    ``launch_overhead_ms`` is the difference of the medians. ``device=False``: every call as launched.
+    On the CPU (rehearsals) the wall clock, both ways alike.
     """
     on_gpu = torch.cuda.is_available()
-    for fns in variants.values():
+    host_ms: dict[str, float] = {}
+    for name, fns in variants.items():
         for i in range(warmup):
+            if on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
             fns[i % len(fns)]()
+            host_ms[name] = (time.perf_counter() - t0) * 1e3  # the last (warm) call's enqueue time
     if on_gpu:
         torch.cuda.synchronize()
+    cycles_per_ms = _sleep_cycles_per_ms() if on_gpu and device else 0.0
     times: dict[str, list[float]] = {k: [] for k in variants}
+    launched: dict[str, list[float]] = {k: [] for k in variants}
+    calls_per_round = per_round + 1 if device else per_round
     for r in range(rounds):
         for name, fns in variants.items():
-            for j in range(per_round):
-                call = fns[(r * per_round + j) % len(fns)]
-                if on_gpu:
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    call()
-                    e.record()
-                    e.synchronize()
-                    times[name].append(s.elapsed_time(e))
-                else:
+            for j in range(calls_per_round):
+                call = fns[(r * calls_per_round + j) % len(fns)]
+                as_launched = device and j == 0
+                if not on_gpu:
                     t0 = time.perf_counter()
                     call()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: _summary(v) for k, v in times.items()}
+                    (launched if as_launched else times)[name].append((time.perf_counter() - t0) * 1e3)
+                    continue
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if device and not as_launched:  # keep the GPU busy while the host enqueues the call
+                    ahead_ms = min(2 * host_ms.get(name, 1.0) + 0.1, 100.0)  # a compile warm-up is not a launch
+                    torch.cuda._sleep(int(cycles_per_ms * ahead_ms))
+                s.record()
+                call()
+                e.record()
+                e.synchronize()
+                (launched if as_launched else times)[name].append(s.elapsed_time(e))
+    out = {}
+    for k in variants:
+        out[k] = _summary(times[k])
+        if device:
+            out[k]["launched"] = _summary(launched[k])
+            out[k]["launch_overhead_ms"] = out[k]["launched"]["median_ms"] - out[k]["median_ms"]
+    return out
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:

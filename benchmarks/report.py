@@ -202,15 +202,22 @@ def plot_sweep(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def append_history(report: dict, path: Path) -> None:
+def append_history(report: dict, path: Path, written: set | None = None) -> set:
     """Append the summary's numbers to the results CSV: one row per metric, with the GPU, the versions
-    and the commit, so that results stay comparable across runs and GPUs (benchmarks/results/history.csv)."""
+    and the commit, so that results stay comparable across runs and GPUs (benchmarks/results/history.csv).
+    Metrics in ``written`` (rows an earlier call of this run appended) are skipped; returns the metrics
+    written so far."""
     env = report["environment"]
+    written = set() if written is None else written
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.writer(f)
         if new:
             w.writerow(HISTORY_FIELDS)
         for metric, value in report.get("summary", {}).items():
+            if metric in written:
+                continue
+            written = written | {metric}
             w.writerow([env["date"], env.get("gpu"), env["torch"], env["triton"], env["cuda"], env["git_commit"],
                         metric, f"{value:.6g}" if isinstance(value, float) else value])
+    return written

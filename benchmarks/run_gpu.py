@@ -6,9 +6,9 @@
 Sections (each its own module, each in its own process so a CUDA error cannot poison the next):
 ``gap`` (bench_gap_loss.py), ``projector`` (bench_projector.py: LLaVA-1.5, its per-kernel profile,
 then MiniGPT-4), ``train`` (bench_train_step.py: the 7B-shaped stage-1 step, REGAP on vs off) and
-``liger`` (bench_liger.py). The report JSON is rewritten after every section, so a run cut short
-keeps what it measured; then report.py writes the markdown (every goal met or missed with its
-value), the sweep plot and the history rows.
+``liger`` (bench_liger.py). After every section the report is rewritten (JSON, the markdown with
+every goal met or missed with its value, the sweep plot) and that section's history rows appended, so a
+run cut short keeps everything it measured.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # --sections key -> (report key, module)
 SECTIONS = {"gap": ("gap_loss", "bench_gap_loss"), "projector": ("projector", "bench_projector"),
             "train": ("train_step", "bench_train_step"), "liger": ("liger", "bench_liger")}
+SECTION_KEYS = [name for name, _ in SECTIONS.values()]
 REHEARSAL_CEILINGS = {"hbm_bytes_per_s": 1e10, "bf16_matmul_flop_per_s": 1e11}
 
 
@@ -54,15 +55,19 @@ def run_section(key: str, rehearse: bool, quick: bool, ceilings: dict) -> dict:
         return {"error": error}
 
 
-def finish(report: dict, stem: Path, out: Path) -> None:
+def write_report(report: dict, stem: Path, out: Path, written: set) -> set:
+    """The JSON, the markdown and the new history rows of what is measured so far: called after every
+    section, so a run cut short (a timeout, a crash, the machine taken back) keeps every finished
+    section's files. Returns the history metrics written so far (each row is appended once)."""
     report["summary"] = rep.summarise(report)
     report["goals"] = rep.check_goals(report["summary"])
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     rep.write_markdown(report, stem.with_suffix(".md"))
-    rep.append_history(report, out / "history.csv")
+    written = rep.append_history(report, out / "history.csv", written)
     if (report.get("gap_loss") or {}).get("sweep"):
         rep.plot_sweep(report, Path(str(stem) + "-gap-sweep.png"))
-    log(f"wrote {stem}.json/.md")
+    log(f"wrote {stem}.json/.md ({', '.join(k for k in SECTION_KEYS if k in report)})")
+    return written
 
 
 def rehearse(args) -> int:
@@ -70,11 +75,12 @@ def rehearse(args) -> int:
     paths are exercised before a GPU runs them (CPU timings of tiny shapes: no measurement)."""
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(), "ceilings": REHEARSAL_CEILINGS, "rehearsal": True}
+    written: set = set()
     for key in args.sections.split(","):
         t0 = time.time()
         report[SECTIONS[key][0]] = run_section(key, True, True, REHEARSAL_CEILINGS)
         report.setdefault("section_seconds", {})[SECTIONS[key][0]] = round(time.time() - t0, 1)
-    finish(report, args.out / "rehearsal", args.out)
+        written = write_report(report, args.out / "rehearsal", args.out, written)
     failed = [k for k in args.sections.split(",") if (report[SECTIONS[k][0]] or {}).get("error")]
     return 1 if failed else 0
 
@@ -90,6 +96,7 @@ def measure(args) -> int:
     stem = args.out / f"{gpu}-{time.strftime('%Y-%m-%d')}"
     ceil_file, part_file = Path(str(stem) + ".ceilings.tmp"), Path(str(stem) + ".part.tmp")
     ceil_file.write_text(json.dumps(ceil))
+    written: set = set()
     for key in args.sections.split(","):
         name = SECTIONS[key][0]
         t0 = time.time()
@@ -99,11 +106,9 @@ def measure(args) -> int:
         report[name] = (json.loads(part_file.read_text()) if part_file.exists()
                         else {"error": f"the section's process exited with status {rc} before writing a result"})
         report.setdefault("section_seconds", {})[name] = round(time.time() - t0, 1)
-        report["summary"] = rep.summarise(report)
-        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))  # kept if cut short
+        written = write_report(report, stem, args.out, written)  # kept if cut short
     ceil_file.unlink(missing_ok=True)
     part_file.unlink(missing_ok=True)
-    finish(report, stem, args.out)
     print(stem.with_suffix(".md").read_text())
     return 0
 

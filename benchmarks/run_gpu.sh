@@ -9,6 +9,7 @@
 #   OUT=/tmp/out bash benchmarks/run_gpu.sh [--quick] [--sections gap,projector,train,liger]
 #   OUT=/tmp/out TESTS=short DEMO=0 bash benchmarks/run_gpu.sh --quick --sections projector   # decide, ~3 min
 #
+# Timeouts (seconds, each overridable): BUILD_TIMEOUT 300, TEST_TIMEOUT 240, REPORT_TIMEOUT 420, DEMO_TIMEOUT 120.
 # Files (8): session.log (everything), <gpu>-<date>.json / .md / -gap-sweep.png (the report),
 # history.csv (benchmarks/results/history.csv with this run's rows appended), gpu-tests.txt (pytest's
 # output), demo-summary.json, info.txt (versions and the extension's architectures).
@@ -28,11 +29,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install --no-index --no-deps .whl/*.whl >>"$log" 2>&1 || echo "wheel install failed (see session.log)"
 fi
 
-step "build the CUDA extension (archs of this GPU)"
-if ! REGAP_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install -e . --no-build-isolation --no-deps \
-        >>"$log" 2>&1; then
+step "build the CUDA extension (archs of this GPU; at most ${BUILD_TIMEOUT:-300} s)"
+if ! REGAP_FAST_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_TIMEOUT:-300}" \
+        $PY -m pip install -e . --no-build-isolation --no-deps >>"$log" 2>&1; then
     tail -30 "$log"
-    echo "the CUDA build FAILED: going on without regap_fast._C (the cuda backend is measured as unavailable)"
+    echo "the CUDA build FAILED or timed out: going on without regap_fast._C (the cuda backend is measured as unavailable)"
     REGAP_FAST_BUILD_CUDA=0 $PY -m pip install -e . --no-build-isolation --no-deps >>"$log" 2>&1
 fi
 $PY -m regap_fast info 2>&1 | tee "$OUT/info.txt" >>"$log"
@@ -41,7 +42,8 @@ grep -iE "GPU|_C|cuda" "$OUT/info.txt" | head -5
 if [ "${TESTS:-full}" != "0" ]; then
     step "GPU tests: pytest -m gpu"
     sel=(-m gpu tests/)
-    [ "${TESTS:-full}" = "short" ] && sel=(-m gpu tests/ops/test_gpu_pass.py -k "projector or gap_loss")
+    [ "${TESTS:-full}" = "short" ] && sel=(-m gpu tests/ops/test_gpu_pass.py tests/ops/test_projector_gpu_paths.py
+                                          -k "projector or gap_loss")
     t0=$(date +%s)
     timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider "${sel[@]}" >"$OUT/gpu-tests.txt" 2>&1
     echo "pytest ${sel[*]}: exit status $?, $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu-tests.txt" "$log"

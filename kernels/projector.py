@@ -70,14 +70,14 @@ def _valid_rows(rows, row_ok, mask_ptr, mask_stride, HAS_MASK: tl.constexpr):
 @triton.jit
 def _gelu_pool_kernel(
     pre_ptr, h_ptr, part_ptr, mask_ptr, M, N, sample_rows, piece_rows, pieces, pool_pieces,
-    stride_pre, stride_h, mask_stride,
+    stride_pre, stride_h, mask_stride, first_piece,
     POOL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (column strips, pieces). Stores h; with POOL, the piece's column sums of the valid rows
-    of the stored h go to ``part[pid_r]`` (pieces >= pool_pieces, of samples past the batch, are not
-    pooled)."""
+    """Grid (column strips, pieces from ``first_piece``). Stores h; with POOL, the piece's column sums
+    of the valid rows of the stored h go to ``part[pid_r]`` (pieces >= pool_pieces, of samples past the
+    batch, are not pooled)."""
     pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1) + first_piece
     start, end, _ = _piece_rows(pid_r, M, sample_rows, piece_rows, pieces)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -97,15 +97,15 @@ def _gelu_pool_kernel(
 @triton.jit
 def _dgelu_kernel(
     dh_ptr, pre_ptr, dpre_ptr, vec_ptr, mask_ptr, part_ptr, M, N, sample_rows, piece_rows, pieces, vec_rows,
-    stride_dh, stride_pre, stride_dpre, stride_vec_b, stride_vec_n, mask_stride,
+    stride_dh, stride_pre, stride_dpre, stride_vec_b, stride_vec_n, mask_stride, first_piece,
     HAS_VEC: tl.constexpr, HAS_MASK: tl.constexpr, DBIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (column strips, pieces). dpre = (dh + vec[sample] on valid rows) * GELU'(pre); with DBIAS,
-    the piece's column sums of the stored dpre go to ``part[pid_r]``. dpre may be dh (in place: each
-    element is read, then written, by the same program)."""
+    """Grid (column strips, pieces from ``first_piece``). dpre = (dh + vec[sample] on valid rows) *
+    GELU'(pre); with DBIAS, the piece's column sums of the stored dpre go to ``part[pid_r]``. dpre may
+    be dh (in place: each element is read, then written, by the same program)."""
     pid_n = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1) + first_piece
     start, end, sample = _piece_rows(pid_r, M, sample_rows, piece_rows, pieces)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -129,12 +129,12 @@ def _dgelu_kernel(
 
 
 @triton.jit
-def _mean_split_kernel(v_ptr, n_ptr, out_ptr, B, N, stride_v, HAS_COUNTS: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
-    """Grid (column strips, B): x = v[b] / n[b] (correctly rounded, 0 for n = 0; v[b] without counts);
-    out[b] = dtype(x) and, with SPLIT, out[B + b] = dtype(x - out[b])."""
+def _mean_split_kernel(v_ptr, n_ptr, out_ptr, B, N, stride_v, first_row, HAS_COUNTS: tl.constexpr,
+                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (column strips, rows from ``first_row``): x = v[b] / n[b] (correctly rounded, 0 for n = 0;
+    v[b] without counts); out[b] = dtype(x) and, with SPLIT, out[B + b] = dtype(x - out[b])."""
     pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64) + first_row
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
     x = tl.load(v_ptr + b * stride_v + cols, mask=ok, other=0.0).to(tl.float32)
@@ -150,6 +150,17 @@ def _mean_split_kernel(v_ptr, n_ptr, out_ptr, B, N, stride_v, HAS_COUNTS: tl.con
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
+
+
+# CUDA's limit on a grid's y dimension: a launch of more row programs is split into several.
+MAX_GRID_Y = 65535
+
+
+def _launch(kernel, strips: int, programs: int, *args, **meta) -> None:
+    """``kernel[(strips, programs)](*args, first, **meta)``, as launches of at most MAX_GRID_Y row
+    programs, each told its first row program ``first`` (the argument after ``args``)."""
+    for first in range(0, programs, MAX_GRID_Y):
+        kernel[(strips, min(MAX_GRID_Y, programs - first))](*args, first, **meta)
 
 
 def _blocks(N: int) -> tuple[int, int]:
@@ -188,7 +199,8 @@ def gelu_pool_forward(pre, mask_flat, rows_per_sample: int, batch: int, pool: bo
     pooled_samples = min(samples, batch) if pool else 0
     part = torch.empty((max(pooled_samples, 1) * pieces, N), device=pre.device, dtype=torch.float32)
     mask, mask_stride = _row_mask(mask_flat, pre)
-    _gelu_pool_kernel[(strips, samples * pieces)](
+    _launch(
+        _gelu_pool_kernel, strips, samples * pieces,
         pre, h, part, mask, M, N, rows_per_sample if pool else M, piece_rows, pieces, pooled_samples * pieces,
         pre.stride(0), h.stride(0), mask_stride,
         POOL=pool, HAS_MASK=mask_flat is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
@@ -218,7 +230,8 @@ def dgelu_backward(dh, pre, mask_flat, rows_per_sample: int, vec, need_dbias: bo
     part = torch.empty((samples * pieces if need_dbias else 1, N), device=pre.device, dtype=torch.float32)
     mask, mask_stride = _row_mask(mask_flat, pre)
     v = vec if vec is not None else part
-    _dgelu_kernel[(strips, samples * pieces)](
+    _launch(
+        _dgelu_kernel, strips, samples * pieces,
         dh, pre, dpre, v, mask, part, M, N, rows_per_sample if vec is not None else M, piece_rows, pieces,
         vec.shape[0] if vec is not None else 0,
         dh.stride(0), pre.stride(0), dpre.stride(0), v.stride(0), v.stride(1), mask_stride,
@@ -238,7 +251,8 @@ def mean_split(v, counts, dtype: torch.dtype):
     if B == 0 or N == 0:
         return out
     block_n = min(triton.next_power_of_2(max(N, 16)), 1024)
-    _mean_split_kernel[(triton.cdiv(N, block_n), B)](
+    _launch(
+        _mean_split_kernel, triton.cdiv(N, block_n), B,
         v, counts if counts is not None else v, out, B, N, v.stride(0),
         HAS_COUNTS=counts is not None, SPLIT=split, BLOCK_N=block_n, num_warps=4,
     )

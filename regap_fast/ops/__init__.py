@@ -1,6 +1,7 @@
 """The functional API: every op a ``torch.library`` custom op with a fake implementation and a registered
 autograd formula (so ``torch.compile(fullgraph=True)`` traces them and ``torch.library.opcheck`` passes),
-inputs checked and the backend chosen in Python before the op runs.
+inputs checked and the backend chosen in Python before the op runs. In eager mode the same functions run
+under a plain ``torch.autograd.Function``, without the custom op's dispatch (``_dispatch.py``).
 
 ==========================  ===========================================  ================
 functional                  custom ops                                   module

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _dispatch
 from .._math import REDUCTIONS, accumulation_dtype
 from .._validation import check_choice, check_means, check_mask, check_pair, check_tokens
 from ..contracts import BroadcastSide, GapStats
@@ -25,13 +26,15 @@ from ..contracts import BroadcastSide, GapStats
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::gap_loss_forward", mutates_args=())
-def _gap_loss_forward(image_embeds: Tensor, caption_embeds: Tensor, image_mask: Optional[Tensor],
+def _gap_loss_forward_impl(image_embeds: Tensor, caption_embeds: Tensor, image_mask: Optional[Tensor],
                       caption_mask: Optional[Tensor], reduction: str, squared: bool,
                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, direction [B, D], stats [3, B]); see ``backends.torch_backend.gap_loss_forward``."""
     return backends.get(backend).gap_loss_forward(image_embeds, caption_embeds, image_mask, caption_mask,
                                                   reduction, squared)
+
+
+_gap_loss_forward = torch.library.custom_op("regap_fast::gap_loss_forward", _gap_loss_forward_impl, mutates_args=())
 
 
 @_gap_loss_forward.register_fake
@@ -42,8 +45,7 @@ def _(image_embeds, caption_embeds, image_mask, caption_mask, reduction, squared
     return loss, image_embeds.new_empty((B, D), dtype=acc), image_embeds.new_empty((3, B), dtype=acc)
 
 
-@torch.library.custom_op("regap_fast::gap_loss_backward", mutates_args=())
-def _gap_loss_backward(grad_loss: Tensor, direction: Tensor, stats: Tensor, image_mask: Optional[Tensor],
+def _gap_loss_backward_impl(grad_loss: Tensor, direction: Tensor, stats: Tensor, image_mask: Optional[Tensor],
                        caption_mask: Optional[Tensor], num_image_tokens: int, num_caption_tokens: int,
                        dtype: torch.dtype, need_image: bool, need_caption: bool,
                        backend: str) -> tuple[Tensor, Tensor]:
@@ -58,6 +60,10 @@ def _gap_loss_backward(grad_loss: Tensor, direction: Tensor, stats: Tensor, imag
                                                   image_side, caption_side, dtype)
     empty = direction.new_empty((0,), dtype=dtype)
     return (gi if gi is not None else empty), (gt if gt is not None else empty)
+
+
+_gap_loss_backward = torch.library.custom_op("regap_fast::gap_loss_backward", _gap_loss_backward_impl,
+                                             mutates_args=())
 
 
 def _broadcast_shape(B, n, D, mask, needed):
@@ -86,22 +92,23 @@ def _gap_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _gap_backward(ctx, grad_loss, _grad_direction, _grad_stats):
+def _gap_backward(ctx, grad_loss, _grad_direction, _grad_stats, *, backward):
     direction, stats, image_mask, caption_mask = ctx.saved_tensors
     need_image, need_caption = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_loss is None or not (need_image or need_caption):
         return None, None, None, None, None, None, None
     n_i, n_t = ctx.num_tokens
-    gi, gt = torch.ops.regap_fast.gap_loss_backward(
-        grad_loss, direction, stats, image_mask, caption_mask, n_i, n_t, ctx.dtype, need_image, need_caption,
-        ctx.backend)
+    gi, gt = backward(grad_loss, direction, stats, image_mask, caption_mask, n_i, n_t, ctx.dtype, need_image,
+                      need_caption, ctx.backend)
     B, D = direction.shape
     gi = (gi.expand(B, n_i, D) if image_mask is None else gi) if need_image else None
     gt = (gt.expand(B, n_t, D) if caption_mask is None else gt) if need_caption else None
     return gi, gt, None, None, None, None, None
 
 
-_gap_loss_forward.register_autograd(_gap_backward, setup_context=_gap_setup_context)
+_dispatch.register_autograd(_gap_loss_forward, _gap_setup_context, _gap_backward, _gap_loss_backward)
+_GapLoss = _dispatch.autograd_function("_GapLoss", _gap_loss_forward_impl, _gap_setup_context, _gap_backward,
+                                       _gap_loss_backward_impl)
 
 
 def fused_gap_loss(image_embeds: Tensor, caption_embeds: Tensor, image_mask: Optional[Tensor] = None,
@@ -135,8 +142,8 @@ def fused_gap_loss(image_embeds: Tensor, caption_embeds: Tensor, image_mask: Opt
     if not isinstance(squared, bool):
         raise TypeError(f"squared must be a bool, got {type(squared).__name__}")
     name = backends.resolve(backend, image_embeds.device, image_embeds.dtype)
-    loss, _, _ = torch.ops.regap_fast.gap_loss_forward(image_embeds, caption_embeds, image_mask, caption_mask,
-                                                       reduction, squared, name)
+    loss, _, _ = _dispatch.run(_GapLoss, _gap_loss_forward, image_embeds, caption_embeds, image_mask, caption_mask,
+                               reduction, squared, name)
     return loss
 
 
@@ -159,10 +166,13 @@ def gap_from_means(mu_image: Tensor, mu_caption: Tensor, valid: Optional[Tensor]
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::masked_mean_forward", mutates_args=())
-def _masked_mean_forward(x: Tensor, mask: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+def _masked_mean_forward_impl(x: Tensor, mask: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """(mean [B, D], 1/n [B]) in the accumulation dtype."""
     return backends.get(backend).masked_mean_forward(x, mask)
+
+
+_masked_mean_forward = torch.library.custom_op("regap_fast::masked_mean_forward", _masked_mean_forward_impl,
+                                               mutates_args=())
 
 
 @_masked_mean_forward.register_fake
@@ -172,13 +182,16 @@ def _(x, mask, backend):
     return x.new_empty((B, D), dtype=acc), x.new_empty((B,), dtype=acc)
 
 
-@torch.library.custom_op("regap_fast::masked_mean_backward", mutates_args=())
-def _masked_mean_backward(grad: Tensor, inv_count: Tensor, mask: Optional[Tensor], num_tokens: int,
+def _masked_mean_backward_impl(grad: Tensor, inv_count: Tensor, mask: Optional[Tensor], num_tokens: int,
                           dtype: torch.dtype, backend: str) -> Tensor:
     one = grad.new_ones((), dtype=inv_count.dtype)
     out, _ = backends.get(backend).broadcast_rows(grad.to(inv_count.dtype), one, one,
                                                   BroadcastSide(inv_count, num_tokens, mask), None, dtype)
     return out
+
+
+_masked_mean_backward = torch.library.custom_op("regap_fast::masked_mean_backward", _masked_mean_backward_impl,
+                                                mutates_args=())
 
 
 @_masked_mean_backward.register_fake
@@ -198,18 +211,19 @@ def _mean_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _mean_backward(ctx, grad, _grad_inv):
+def _mean_backward(ctx, grad, _grad_inv, *, backward):
     inv_count, mask = ctx.saved_tensors
     if grad is None or not ctx.needs_input_grad[0]:
         return None, None, None
-    gx = torch.ops.regap_fast.masked_mean_backward(grad, inv_count, mask, ctx.num_tokens, ctx.dtype,
-                                                   ctx.backend)
+    gx = backward(grad, inv_count, mask, ctx.num_tokens, ctx.dtype, ctx.backend)
     if mask is None:
         gx = gx.expand(grad.shape[0], ctx.num_tokens, grad.shape[1])
     return gx, None, None
 
 
-_masked_mean_forward.register_autograd(_mean_backward, setup_context=_mean_setup_context)
+_dispatch.register_autograd(_masked_mean_forward, _mean_setup_context, _mean_backward, _masked_mean_backward)
+_MaskedMean = _dispatch.autograd_function("_MaskedMean", _masked_mean_forward_impl, _mean_setup_context,
+                                          _mean_backward, _masked_mean_backward_impl)
 
 
 def masked_mean(x: Tensor, mask: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -223,5 +237,5 @@ def masked_mean(x: Tensor, mask: Optional[Tensor] = None, *, backend: str = "aut
     check_tokens("x", x)
     check_mask("mask", mask, "x", x)
     name = backends.resolve(backend, x.device, x.dtype)
-    mean, _ = torch.ops.regap_fast.masked_mean_forward(x, mask, name)
+    mean, _ = _dispatch.run(_MaskedMean, _masked_mean_forward, x, mask, name)
     return mean

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _dispatch
 from .._math import accumulation_dtype, join_hi_lo, mm_fp32
 from .._validation import check_projector_input
 
@@ -46,8 +47,36 @@ def _pooled_output(parts: Tensor, w: Tensor, b: Optional[Tensor], batch: int) ->
     return pooled if b is None else pooled.add_(b)
 
 
+# fp16's smallest normal number is 2^-14: a per-sample gradient dpooled / n at LLaVA scale (~1e-7 at
+# lambda 0.1, B 32, n 576, D 4096) would keep a few subnormal bits (20% error of the vector). Each row
+# is scaled by a power of two (exact in fp32) so that its largest |value| lands in [2^13, 2^14), far
+# from fp16's 65504 and 37 binades above its subnormals, and the fp32 product is scaled back.
+# bf16 has fp32's exponent range and needs none.
+_FP16_ROW_TOP_EXPONENT = 14
+
+
+def _vector_times(impl, v: Tensor, counts: Optional[Tensor], w: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+    """``(v / counts) @ w`` in fp32 (``v`` itself when counts is None), the [B, K] vector entering the
+    GEMM as ``mean_split``'s hi/lo rows of ``dtype``; in fp16 scaled as above so none of it underflows."""
+    if dtype != torch.float16:
+        return join_hi_lo(mm_fp32(impl.mean_split(v, counts, dtype), w), batch)
+    top = v.abs().amax(1)
+    if counts is not None:
+        top = top / counts.clamp(min=1)
+    exponent = (_FP16_ROW_TOP_EXPONENT - torch.frexp(top).exponent).clamp_(-126, 126)  # a finite fp32 scale
+    scale = torch.ldexp(torch.ones_like(top), exponent).unsqueeze(1)
+    return join_hi_lo(mm_fp32(impl.mean_split(v * scale, counts, dtype), w), batch).div_(scale)
+
+
 def _empty(like: Tensor) -> Tensor:
+    """The placeholder for a gradient nobody needs: a new tensor per call, as a custom op's outputs may
+    not alias each other (one ``_empty`` returned twice raises in the backward)."""
     return like.new_empty((0,))
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t.to(dtype)``, skipped (no dispatcher call) when it would change nothing."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _no_autocast(device: torch.device):
@@ -61,8 +90,7 @@ def _no_autocast(device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::llava_projector_forward", mutates_args=())
-def _llava_forward(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+def _llava_forward_impl(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
                    mask_flat: Optional[Tensor], counts: Tensor, rows_per_sample: int,
                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [M, D], pooled [B, D] fp32, and for the backward: pre, h [M, D], mean(h) as hi/lo rows)."""
@@ -76,6 +104,9 @@ def _llava_forward(x2d: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
     return out, pooled, pre, h, parts
 
 
+_llava_forward = torch.library.custom_op("regap_fast::llava_projector_forward", _llava_forward_impl, mutates_args=())
+
+
 @_llava_forward.register_fake
 def _(x2d, w1, b1, w2, b2, mask_flat, counts, rows_per_sample, backend):
     M, D, B = x2d.shape[0], w2.shape[0], counts.shape[0]
@@ -86,8 +117,7 @@ def _(x2d, w1, b1, w2, b2, mask_flat, counts, rows_per_sample, backend):
             x2d.new_empty((split * B, w1.shape[0])))
 
 
-@torch.library.custom_op("regap_fast::llava_projector_backward", mutates_args=())
-def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
+def _llava_backward_impl(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
                     h: Tensor, parts: Tensor, counts: Tensor, mask_flat: Optional[Tensor], rows_per_sample: int,
                     needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW1, db1, dW2, db2); an empty tensor for each one not in ``needs``."""
@@ -97,9 +127,9 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
     with _no_autocast(x2d.device):
         vec = None
         if dpooled is not None:  # d pooled / d h[row] = W2 / n on the valid rows of each sample
-            vec = join_hi_lo(mm_fp32(impl.mean_split(dpooled, counts, dtype), w2), B)
+            vec = _vector_times(impl, dpooled, counts, w2, B, dtype)
         dpre, db1 = impl.dgelu_backward(torch.mm(dout, w2), pre, mask_flat, rows_per_sample, vec, need_b1)
-        dw2 = db2 = _empty(w2)
+        dw2, db2 = _empty(w2), _empty(w2)
         if need_w2:
             if dpooled is None:
                 dw2 = torch.mm(dout.t(), h)
@@ -111,6 +141,10 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
         dw1 = torch.mm(dpre.t(), x2d) if need_w1 else _empty(w1)
         dx = torch.mm(dpre, w1) if need_x else _empty(x2d)
     return dx, dw1, db1.to(dtype) if need_b1 else _empty(w1), dw2, db2
+
+
+_llava_backward = torch.library.custom_op("regap_fast::llava_projector_backward", _llava_backward_impl,
+                                          mutates_args=())
 
 
 @_llava_backward.register_fake
@@ -128,19 +162,21 @@ def _llava_setup_context(ctx, inputs, output):
     ctx.rows_per_sample, ctx.backend = rows_per_sample, backend
 
 
-def _llava_grad(ctx, dout, dpooled, *_unused):
+def _llava_grad(ctx, dout, dpooled, *_unused, backward):
     x2d, w1, w2, pre, h, parts, counts, mask_flat = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     if (dout is None and dpooled is None) or not any(needs):
         return (None,) * 9
     if dout is None:  # only the pooled output was used
         dout = h.new_zeros(h.shape)
-    grads = torch.ops.regap_fast.llava_projector_backward(dout, dpooled, x2d, w1, w2, pre, h, parts, counts,
-                                                           mask_flat, ctx.rows_per_sample, needs, ctx.backend)
+    grads = backward(dout, dpooled, x2d, w1, w2, pre, h, parts, counts, mask_flat, ctx.rows_per_sample, needs,
+                     ctx.backend)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
 
 
-_llava_forward.register_autograd(_llava_grad, setup_context=_llava_setup_context)
+_dispatch.register_autograd(_llava_forward, _llava_setup_context, _llava_grad, _llava_backward)
+_LlavaProjector = _dispatch.autograd_function("_LlavaProjector", _llava_forward_impl, _llava_setup_context,
+                                              _llava_grad, _llava_backward_impl)
 
 
 def _counts(image_mask: Optional[Tensor], batch: int, n: int, device, dtype) -> Tensor:
@@ -166,11 +202,11 @@ def llava_projector(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
     dtype = compute_dtype(x)
     name = backends.resolve(backend, x.device, dtype, "projector")
     B, n, _ = x.shape
-    cast = [None if t is None else t.to(dtype) for t in (x, w1, b1, w2, b2)]  # autograd sees the casts
+    cast = [_cast(t, dtype) for t in (x, w1, b1, w2, b2)]  # autograd sees the casts
     counts = _counts(image_mask, B, n, x.device, accumulation_dtype(dtype))
     mask_flat = None if image_mask is None else image_mask.reshape(-1)
-    out, pooled, *_ = torch.ops.regap_fast.llava_projector_forward(
-        cast[0].reshape(B * n, -1), *cast[1:], mask_flat, counts, n, name)
+    out, pooled, *_ = _dispatch.run(_LlavaProjector, _llava_forward, cast[0].reshape(B * n, -1), *cast[1:], mask_flat,
+                                    counts, n, name)
     return out.view(B, n, -1), pooled
 
 
@@ -179,8 +215,7 @@ def llava_projector(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("regap_fast::linear_projector_forward", mutates_args=())
-def _linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Tensor],
+def _linear_forward_impl(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Tensor],
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out [B, N, D], pooled [B, D] fp32, and for the backward: mean(x) as hi/lo rows, 1/n [B])."""
     B, n, k = x.shape
@@ -192,6 +227,10 @@ def _linear_forward(x: Tensor, w: Tensor, b: Optional[Tensor], mask: Optional[Te
     return out, pooled, parts, inv_n
 
 
+_linear_forward = torch.library.custom_op("regap_fast::linear_projector_forward", _linear_forward_impl,
+                                          mutates_args=())
+
+
 @_linear_forward.register_fake
 def _(x, w, b, mask, backend):
     B, n, k = x.shape
@@ -201,14 +240,13 @@ def _(x, w, b, mask, backend):
             x.new_empty((split * B, k)), x.new_empty((B,), dtype=acc))
 
 
-@torch.library.custom_op("regap_fast::linear_projector_backward", mutates_args=())
-def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tensor, parts: Tensor, inv_n: Tensor,
+def _linear_backward_impl(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tensor, parts: Tensor, inv_n: Tensor,
                      mask: Optional[Tensor], needs: list[bool], backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dW, db); an empty tensor for each one not in ``needs``."""
     need_x, need_w, need_b = needs
     B, n, k = x.shape
     dout2d, x2d, dtype = dout.reshape(B * n, -1), x.reshape(B * n, k), x.dtype
-    dx = dw = db = _empty(w)
+    dx, dw, db = _empty(w), _empty(w), _empty(w)
     with _no_autocast(x.device):
         if need_w:
             dw = (torch.mm(dout2d.t(), x2d) if dpooled is None  # else: the rank-B term, then the GEMM into it
@@ -219,10 +257,14 @@ def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tens
         if need_x:
             dx = torch.mm(dout2d, w).view(B, n, k)
             if dpooled is not None:  # d pooled / d x[row] = W / n on the valid rows: an explicit add
-                split = backends.get(backend, "projector").mean_split(dpooled * inv_n[:, None], None, dtype)
-                vec = join_hi_lo(mm_fp32(split, w), B).to(dtype).unsqueeze(1)
+                impl = backends.get(backend, "projector")
+                vec = _vector_times(impl, dpooled * inv_n[:, None], None, w, B, dtype).to(dtype).unsqueeze(1)
                 dx.add_(vec if mask is None else torch.where(mask.unsqueeze(-1), vec, 0))
     return dx, dw, db
+
+
+_linear_backward = torch.library.custom_op("regap_fast::linear_projector_backward", _linear_backward_impl,
+                                           mutates_args=())
 
 
 @_linear_backward.register_fake
@@ -239,19 +281,20 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _linear_grad(ctx, dout, dpooled, *_unused):
+def _linear_grad(ctx, dout, dpooled, *_unused, backward):
     x, w, parts, inv_n, mask = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
     if (dout is None and dpooled is None) or not any(needs):
         return (None,) * 5
     if dout is None:
         dout = x.new_zeros((*x.shape[:2], w.shape[0]))
-    grads = torch.ops.regap_fast.linear_projector_backward(dout, dpooled, x, w, parts, inv_n, mask, needs,
-                                                            ctx.backend)
+    grads = backward(dout, dpooled, x, w, parts, inv_n, mask, needs, ctx.backend)
     return (*(g if need else None for g, need in zip(grads, needs)), None, None)
 
 
-_linear_forward.register_autograd(_linear_grad, setup_context=_linear_setup_context)
+_dispatch.register_autograd(_linear_forward, _linear_setup_context, _linear_grad, _linear_backward)
+_LinearProjector = _dispatch.autograd_function("_LinearProjector", _linear_forward_impl, _linear_setup_context,
+                                               _linear_grad, _linear_backward_impl)
 
 
 def linear_projector(x: Tensor, w: Tensor, b: Optional[Tensor], image_mask: Optional[Tensor] = None, *,
@@ -261,6 +304,6 @@ def linear_projector(x: Tensor, w: Tensor, b: Optional[Tensor], image_mask: Opti
     check_projector_input(x, image_mask, w.shape[1])
     dtype = compute_dtype(x)
     name = backends.resolve(backend, x.device, dtype, "projector")
-    cast = [None if t is None else t.to(dtype) for t in (x, w, b)]
-    out, pooled, _, _ = torch.ops.regap_fast.linear_projector_forward(*cast, image_mask, name)
+    cast = [_cast(t, dtype) for t in (x, w, b)]
+    out, pooled, _, _ = _dispatch.run(_LinearProjector, _linear_forward, *cast, image_mask, name)
     return out, pooled

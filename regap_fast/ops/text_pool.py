@@ -8,15 +8,19 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _dispatch
 from .._math import accumulation_dtype
 from .._validation import FLOAT_DTYPES, check_mask
 
 
-@torch.library.custom_op("regap_fast::gather_mean_forward", mutates_args=())
-def _gather_mean_forward(input_ids: Tensor, weight: Tensor, mask: Optional[Tensor],
+def _gather_mean_forward_impl(input_ids: Tensor, weight: Tensor, mask: Optional[Tensor],
                          backend: str) -> tuple[Tensor, Tensor]:
     """(mean of weight[input_ids] over valid tokens [B, D], 1/n [B]) in the accumulation dtype."""
     return backends.get(backend, "text_pool").gather_mean_forward(input_ids, weight, mask)
+
+
+_gather_mean_forward = torch.library.custom_op("regap_fast::gather_mean_forward", _gather_mean_forward_impl,
+                                               mutates_args=())
 
 
 @_gather_mean_forward.register_fake
@@ -35,7 +39,7 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_meta = (weight.shape[0], weight.dtype)
 
 
-def _backward(ctx, grad, _grad_inv):
+def _backward(ctx, grad, _grad_inv, *, backward=None):  # plain ATen ops: no backward op of its own
     input_ids, inv_count, mask = ctx.saved_tensors
     if grad is None or not ctx.needs_input_grad[1]:
         return None, None, None, None
@@ -51,7 +55,8 @@ def _backward(ctx, grad, _grad_inv):
     return None, gw, None, None
 
 
-_gather_mean_forward.register_autograd(_backward, setup_context=_setup_context)
+_dispatch.register_autograd(_gather_mean_forward, _setup_context, _backward, None)
+_GatherMean = _dispatch.autograd_function("_GatherMean", _gather_mean_forward_impl, _setup_context, _backward, None)
 
 
 def pooled_text_embeddings(input_ids: Tensor, weight: Tensor, caption_mask: Optional[Tensor] = None, *,
@@ -81,5 +86,5 @@ def pooled_text_embeddings(input_ids: Tensor, weight: Tensor, caption_mask: Opti
         if lo < 0 or hi >= weight.shape[0]:
             raise ValueError(f"input_ids must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
     name = backends.resolve(backend, weight.device, weight.dtype, "text_pool")
-    mean, _ = torch.ops.regap_fast.gather_mean_forward(input_ids, weight, caption_mask, name)
+    mean, _ = _dispatch.run(_GatherMean, _gather_mean_forward, input_ids, weight, caption_mask, name)
     return mean

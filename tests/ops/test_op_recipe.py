@@ -117,3 +117,51 @@ def test_torch_compile_fullgraph(compile_backend, backend, step):
     assert rel_err(out, ref) < 1e-6
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# the two routes: custom ops when compiled, the same functions without the custom op's dispatch in eager
+# --------------------------------------------------------------------------------------------------
+
+CUSTOM_OPS = {"llava_projector": ("llava_projector_forward", "llava_projector_backward"),
+              "linear_projector": ("linear_projector_forward", "linear_projector_backward"),
+              "gap_loss": ("gap_loss_forward", "gap_loss_backward", "masked_mean_forward", "masked_mean_backward"),
+              "text_pool": ("gather_mean_forward",)}
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("step", sorted(CUSTOM_OPS))
+def test_compiled_step_runs_the_custom_ops_and_eager_does_not(step):
+    """Compiled, the forward and backward are the custom ops (one opaque node each); in eager mode the
+    same functions run without the custom op's dispatch (docs/ops.md, "Eager and compiled")."""
+    torch._dynamo.reset()
+    fn, args = STEPS[step]("torch")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def keep(g, _):
+            graphs.append(g)
+            return g
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    out = torch.compile(fn, fullgraph=True, backend=capture)(*args)
+    torch.autograd.grad(out, args)
+    targets = {str(node.target) for g in graphs for node in g.graph.nodes}
+    for name in CUSTOM_OPS[step]:
+        assert f"regap_fast.{name}.default" in targets, (name, targets)
+
+    with _OpNames() as seen:
+        torch.autograd.grad(fn(*args), args)
+    assert not any(n.startswith("regap_fast::") for n in seen.names), seen.names
+    assert seen.names  # the ATen ops of the same functions

@@ -310,6 +310,51 @@ def test_mean_split(impl, dtype, with_counts):
         assert (parts[[1, B + 1] if split else [1]] == 0).all()  # n = 0: a zero mean
 
 
+def test_triton_launches_past_the_grid_limit(monkeypatch):
+    """More row programs than a grid's y dimension takes (65,535 on CUDA): the Triton passes launch in
+    several parts, each told its first program. Checked on any device with the limit set to 4."""
+    reason = backends.why_unavailable("triton", DEVICE, torch.float32, "projector")
+    if reason:
+        pytest.skip(reason)
+    impl = backends.get("triton", "projector")
+    monkeypatch.setattr(impl, "MAX_GRID_Y", 4)
+    M, N, rps, batch = 37, 20, 3, 13
+    pre = torch.randn(M, N, device=DEVICE) * 2
+    mask = sample_mask(M, rps)
+    _check_forward(impl, pre, mask, rps, batch)
+    _check_backward(impl, torch.randn(M, N, device=DEVICE), pre, mask, rps, torch.randn(batch, N, device=DEVICE),
+                    need_dbias=True)
+    v, counts = torch.randn(11, N, device=DEVICE), torch.arange(11, device=DEVICE, dtype=torch.float32)
+    parts = impl.mean_split(v, counts, torch.float16)  # (the interpreter truncates to bf16: fp16 here)
+    torch.testing.assert_close(parts, backends.get("torch", "projector").mean_split(v, counts, torch.float16))
+
+
+def test_fp16_per_sample_vector_keeps_its_precision(impl):
+    """fp16 without a GradScaler: the backward's per-sample vector (dpooled / n) W2 at LLaVA-1.5 scale
+    (lambda 0.1, B 32, n 576: |dpooled| ~ lambda / (B sqrt(4096)), |dpooled / n| ~ 1e-7, below fp16's
+    smallest normal 6e-5) keeps fp32-like precision: the rows are scaled by powers of two before the
+    split. Unscaled, the same split loses ~20% of the vector to fp16's subnormals."""
+    from regap_fast.ops.projector import _vector_times
+
+    B, D, K = 32, 256, 192
+    dpooled = torch.randn(B, D, device=DEVICE) * (0.1 / (B * 64))
+    counts = torch.full((B,), 576.0, device=DEVICE)
+    counts[3], counts[5] = 1.0, 0.0  # one token: a 576x larger vector; none: a zero row
+    w = (torch.randn(D, K, device=DEVICE) / 16).half()
+    ref = torch.where(counts[:, None] > 0, dpooled.double() / counts.double().clamp(min=1)[:, None], 0) @ w.double()
+
+    unscaled = (impl.mean_split(dpooled, counts, torch.float16).double() @ w.double()).view(2, B, K).sum(0)
+    got = _vector_times(impl, dpooled, counts, w, B, torch.float16)
+    per_row = lambda a: ((a.double() - ref).norm(dim=1) / ref.norm(dim=1).clamp(min=1e-300))  # noqa: E731
+    assert per_row(unscaled).max() > 0.05  # what the scaling is for
+    assert got.dtype == torch.float32 and per_row(got)[counts > 0].max() < 1e-5, per_row(got).max()
+    assert (got[5] == 0).all()
+    # inside fp16's normal range the scaling changes nothing beyond rounding
+    big = torch.randn(B, D, device=DEVICE) * 40
+    ref = torch.where(counts[:, None] > 0, big.double() / counts.double().clamp(min=1)[:, None], 0) @ w.double()
+    assert per_row(_vector_times(impl, big, counts, w, B, torch.float16))[counts > 0].max() < 1e-5
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: LLaVA-1.5-7B sizes and CUDA graphs
 # --------------------------------------------------------------------------------------------------
