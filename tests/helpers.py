@@ -5,6 +5,8 @@ tests/conftest.py sets TRITON_INTERPRET before anything imports regap_fast; this
 by the test modules, after it.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,3 +242,32 @@ def images(n, seed=0, size=(40, 48)):
     g = torch.Generator().manual_seed(seed)
     return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
             for _ in range(n)]
+
+
+# MIR (regap_fast.eval.mir) by its published procedure, independently of the streaming code
+def frechet_sqrtm(x, y):
+    """Float64 with scipy's general matrix square root of the product (the reference's "accurate" mode)."""
+    import numpy as np
+
+    x, y = x.double().numpy(), y.double().numpy()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    from scipy.linalg import sqrtm
+
+    root = sqrtm(s_x @ s_y)
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y) - 2 * np.trace(root.real))
+
+
+def published_mir(image_layers, text_layers, sigmas=3.0):
+    """The published procedure as its paper and code describe it, written out plainly, in float64."""
+    per_layer = []
+    for x, y in zip(image_layers, text_layers):
+        x, y = x.double().clone(), y.double().clone()
+        c = 1.0 / y.norm(dim=-1).mean()
+        x, y = c * x, c * y
+        for rows in (x, y):
+            norms = rows.norm(dim=-1)
+            far = (norms - norms.median()).abs() > sigmas * norms.std()
+            rows[far] = rows.median(dim=0).values
+        per_layer.append(frechet_sqrtm(x, y))
+    return math.log10(sum(per_layer)), per_layer
