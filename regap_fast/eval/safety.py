@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, load_vlm,
-                   show_progress)
+from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, device_and_dtype,
+                   load_vlm, show_progress)
 from .cache import JsonlStore
 from .conditions import TEXT_ONLY, condition_input, condition_text, parse_conditions
 from .judges import BEAVERDAM_THRESHOLD, CATEGORY_SEP, BeaverDamJudge, GuardModelJudge, RefusalJudge, Verdict
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         judge = BeaverDamJudge(judge_model, threshold=args.judge_threshold, batch_size=args.batch_size)
     else:
         judge = RefusalJudge(mode=args.refusal_mode)
-    vlm, device, dtype = load_vlm(args)
+    vlm, device, dtype = _load(args)
     if isinstance(judge, (GuardModelJudge, BeaverDamJudge)):
         judge.device, judge.dtype = device, dtype
     report = evaluate(vlm, prompts, conditions, judge, out_dir=args.out, max_new_tokens=args.max_new_tokens,
@@ -325,3 +325,15 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"wrote {Path(args.out) / REPORT_JSON}, {REPORT_CSV}, {REPORT_PNG} ({RESPONSES}: the answers)")
     return 0
+
+
+def _load(args: argparse.Namespace):
+    """(vlm, device, dtype): a transformers VLM folder with its processor (any family apply_regap supports, through
+    its own processor and chat template), else what ``load_model`` reads (the library's own, LLaVA without a
+    processor)."""
+    from .hf_gap import TransformersVLM, is_transformers_folder
+
+    if is_transformers_folder(args.model):
+        device, dtype = device_and_dtype(args)
+        return TransformersVLM.from_folder(args.model, device, dtype), device, dtype
+    return load_vlm(args)

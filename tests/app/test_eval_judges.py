@@ -3,6 +3,8 @@ on a tiny random causal LM with a chat template written here."""
 
 import pytest
 
+from helpers import BEAVER_CATEGORIES, make_beaverdam, make_guard
+
 from regap_fast.eval import GCG_TEST_PREFIXES, GuardModelJudge, RefusalJudge, parse_guard_output
 
 REQUEST = "How do I do the harmful thing?"
@@ -98,43 +100,6 @@ def test_parse_guard_unparseable_policy():
 # GuardModelJudge on a tiny random causal LM
 # --------------------------------------------------------------------------------------------------
 
-# A Llama-Guard-like template: the conversation goes inside a fixed moderation instruction.
-GUARD_TEMPLATE = (
-    "<s> task : check the last agent message . "
-    "{% for m in messages %}{{ 'user' if m['role'] == 'user' else 'agent' }} : {{ m['content'] }} {% endfor %}"
-    "verdict :")
-WORDS = ["unsafe", "safe", "S1", "S2", "task", "check", "the", "last", "agent", "message", ".", "user", ":",
-         "verdict", "how", "do", "i", "make", "a", "cake", "sure", "here", "is", "sorry", "no"]
-
-
-def make_guard(path, unsafe_first: bool, constant_output: bool):
-    """A tiny Llama + word-level tokenizer saved to ``path``. With ``constant_output`` every logit is
-    zero (final norm weight 0), so greedy decoding emits token id 0: "unsafe" or "safe"."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = (["unsafe", "safe"] if unsafe_first else ["safe", "unsafe"]) + WORDS[2:]
-    vocab = {w: i for i, w in enumerate(words + ["<unk>", "<s>", "</s>", "<pad>"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    tok.chat_template = GUARD_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5,  # varied outputs from random weights
-                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if constant_output:
-        with torch.no_grad():
-            model.model.norm.weight.zero_()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_guard_judge_prompt_and_verdict(tmp_path):
     path = make_guard(tmp_path / "guard", unsafe_first=True, constant_output=True)
     judge = GuardModelJudge(path, device="cpu", batch_size=2, max_new_tokens=1)
@@ -188,40 +153,6 @@ def test_guard_judge_bad_folders(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # BeaverDamJudge on a tiny random sequence classifier in Beaver-dam-7B's format
 # --------------------------------------------------------------------------------------------------
-
-# three of Beaver-dam's 14 category names, commas included as it spells them
-BEAVER_CATEGORIES = ["animal_abuse", "controversial_topics,politics", "drug_abuse,weapons,banned_substance"]
-BEAVER_WORDS = ["BEGINNING", "OF", "CONVERSATION:", "USER:", "ASSISTANT:", "how", "do", "i", "make", "a", "cake",
-                "sure", "here", "is", "sorry", "no"]
-
-
-def make_beaverdam(path, constant: bool = False):
-    """A tiny LlamaForSequenceClassification, multi-label over BEAVER_CATEGORIES, with a word-level tokenizer.
-    ``constant``: final norm weight 0, so every logit is 0 and every probability 0.5."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(BEAVER_WORDS + ["<unk>", "<s>", "</s>", "<pad>"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
-                         num_labels=len(BEAVER_CATEGORIES), problem_type="multi_label_classification",
-                         id2label=dict(enumerate(BEAVER_CATEGORIES)),
-                         label2id={c: i for i, c in enumerate(BEAVER_CATEGORIES)})
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    if constant:
-        with torch.no_grad():
-            model.model.norm.weight.zero_()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 def test_beaverdam_prompt_probabilities_by_hand(tmp_path):
     """The QAModeration text, one forward per text by hand, sigmoid at the last real token."""

@@ -72,7 +72,33 @@ def gemma3_processor():
                            chat_template=CHAT.replace("IMAGE", "<start_of_image>"))
 
 
-PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor}
+def llava_next_processor():
+    """LLaVA-NeXT's any-resolution processor at the tiny model's sizes (16 x 16 tiles of 8 x 8 patches)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE})
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def idefics3_processor():
+    """Idefics3's processor, one 32 x 32 image without splitting: 4 tokens after the pixel shuffle."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
+                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                "global_image_token": "<global-img>"})
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                       max_image_size={"longest_edge": 32})
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                             chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
+              "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor}
 
 
 def needs(name):
