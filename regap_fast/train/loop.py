@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 
 from ..data import Collator
 from ..data.llava import TooManyBadRecords
+from ..gap_layer import TextNormScale, check_layer
 from ..model import VisionLanguageModel
 from . import report
 from .checkpoint import Counters, load_checkpoint, save_checkpoint
@@ -67,6 +68,7 @@ class Run:
     sdpa_ctx: Callable[[], ContextManager]  # SDPA held to its flash kernel, or nothing
     metrics: MetricsLogger
     facts: report.Facts
+    scale: Optional[TextNormScale] = None  # --regap-scale text-norm
 
 
 def train(cfg: TrainConfig, plan: Optional[Plan] = None) -> dict:
@@ -131,13 +133,24 @@ def setup(plan: Plan, d: Dist) -> Run:
                          malformed_records=source.malformed, unreadable_held_out_records=unreadable)
     metrics = MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard)
     run = Run(cfg, d, out, vlm, model, params, optimizer, scheduler, iter(loader), eval_loader, accum, total, start,
-              counters, amp, sdpa_ctx, metrics, facts)
+              counters, amp, sdpa_ctx, metrics, facts, regap_scale(cfg, vlm, total, counters))
     if d.main:
         report.log_plan(cfg, facts, total, d.world, accum)
     if counters.initial_eval is None and eval_loader is not None:
         counters.initial_eval = evaluate(vlm, eval_loader, d, amp)
         metrics.log({"step": 0, **counters.initial_eval})
     return run
+
+
+def regap_scale(cfg: TrainConfig, vlm: VisionLanguageModel, total: int, counters: Counters) -> Optional[TextNormScale]:
+    """--regap-layer checked against the model; --regap-scale text-norm's estimator, restored when resuming."""
+    check_layer(cfg.regap_layer, vlm.language_model)
+    if cfg.regap_scale != "text-norm":
+        return None
+    scale = TextNormScale(cfg.regap_scale_steps or max(1, math.ceil(cfg.warmup_ratio * total)))
+    if counters.regap_scale is not None:
+        scale.load_state_dict(counters.regap_scale)
+    return scale
 
 
 def make_optimizer(params: list, cfg: TrainConfig, fused: bool, projector_params=()) -> torch.optim.Optimizer:
@@ -235,6 +248,9 @@ def train_step(run: Run, step: int) -> dict:
     counts = d.all_sum(sum(batch_counts(b) for b in micro))  # global: label tokens, gap samples, ...
     n_tok, n_gap = counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item()
     regap = cfg.regap_weight > 0
+    scale, alpha = run.scale, 1.0
+    estimating = regap and scale is not None and scale.frozen is None
+    norms = torch.zeros(2, dtype=torch.float64, device=d.device)  # this step's caption-token norms and count
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # on the device: no sync per micro-batch
     for i, b in enumerate(micro):
         # DDP all-reduces the gradients once, after the last micro-batch
@@ -242,11 +258,19 @@ def train_step(run: Run, step: int) -> dict:
         with (contextlib.nullcontext() if sync else run.model.no_sync()):
             with run.amp(), run.sdpa_ctx():
                 o = run.model(**model_inputs(b, d.device), regap_weight=cfg.regap_weight,
-                              regap_squared=cfg.regap_squared)
+                              regap_squared=cfg.regap_squared, regap_layer=cfg.regap_layer, caption_norms=estimating)
             loss = o["lm_loss_sum"] / n_tok
             has_gap = regap and o["gap_sum"] is not None  # None: no image in this micro-batch
             if has_gap:
-                loss = loss + cfg.regap_weight * o["gap_sum"] / n_gap
+                if scale is not None:  # warm-up: this micro-batch's caption tokens join the estimate first
+                    if estimating:
+                        norms += torch.stack([o["caption_norm_sum"], o["caption_tokens"].double()])
+                        seen = norms.tolist()
+                        total_norm, total_tokens = scale.norm_sum + seen[0], scale.tokens + seen[1]
+                        alpha = total_tokens / total_norm if total_norm > 0 else 1.0
+                    else:
+                        alpha = scale.alpha
+                loss = loss + cfg.regap_weight * alpha * o["gap_sum"] / n_gap
             # DDP averages gradients over processes; the loss is a global sum, so undo the average
             (loss * d.world).backward()
         sums[0] += o["lm_loss_sum"].detach()
@@ -257,6 +281,12 @@ def train_step(run: Run, step: int) -> dict:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     sums = d.all_sum(sums)
+    if estimating:  # every rank adds the same global sums: one alpha everywhere from the next step on
+        seen = d.all_sum(norms).tolist()
+        scale.observe_sums(seen[0], int(seen[1]))
+    if scale is not None and regap:
+        scale.step()
+        run.counters.regap_scale = scale.state_dict()
     dt = time.perf_counter() - t0
     c = run.counters
     c.train_seconds += dt
@@ -264,7 +294,9 @@ def train_step(run: Run, step: int) -> dict:
     rec = {"step": step, "lm_loss": sums[0].item() / n_tok, "gap": sums[1].item() / n_gap if regap else None,
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": counts[2].item() / dt,
            "skipped": c.skipped, "seconds": c.train_seconds}
-    rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * rec["gap"] if regap else 0.0)
+    rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * alpha * rec["gap"] if regap else 0.0)
+    if scale is not None:
+        rec["regap_alpha"] = alpha
     return rec
 
 
