@@ -58,7 +58,10 @@ def plot_mir(result: dict, path: Path) -> None:
         ax.set_yscale("log")
     ax.set(xlabel="decoder layer", ylabel="Frechet distance (text-centric scale)",
            title=f"per-layer MIR ({result['n_pairs']} pairs): MIR = {mir['value']:.4f}")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(x) <= 16:
+        ax.set_xticks(x)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.savefig(path, dpi=120)
 
 

@@ -53,6 +53,15 @@ def qwen2_vl_processor():
                             chat_template=CHAT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
 
 
+def qwen2_5_vl_processor():
+    """Qwen2.5-VL's processor: Qwen2-VL's image and video processors, its own class."""
+    from transformers import Qwen2_5_VLProcessor
+
+    base = qwen2_vl_processor()
+    return Qwen2_5_VLProcessor(image_processor=base.image_processor, video_processor=base.video_processor,
+                               tokenizer=base.tokenizer, chat_template=base.chat_template)
+
+
 def llava_processor():
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -98,14 +107,14 @@ def idefics3_processor():
 
 
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
-              "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor}
+              "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor}
 
 
 def needs(name):
     """Qwen2-VL's processor builds a video processor, which transformers makes with torchvision."""
     import pytest
 
-    missing = name == "Qwen2-VL" and importlib.util.find_spec("torchvision") is None
+    missing = name.startswith("Qwen2") and importlib.util.find_spec("torchvision") is None
     return [pytest.mark.skipif(missing, reason="Qwen2VLProcessor needs torchvision (its video processor)")]
 
 
