@@ -231,15 +231,8 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         with layer_out or contextlib.nullcontext() as seen:
             out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
                                       output_hidden_states=output_hidden_states, logits_to_keep=keep)
-        if layer_out is not None:  # the gap after decoder layer k, at the sequence's image and caption positions
-            if caption_mask is None:
-                raise ValueError("REGAP needs caption_mask")
-            hidden, positions = seen[0], image_mask.to(seen[0].device)
-            caption = caption_mask.to(hidden.device)
-            gap_sum = modality_gap(hidden, hidden, positions, caption, reduction="sum", squared=regap_squared)
-            num_gap = gap_samples(positions, caption).sum()
-            if caption_norms:
-                norms = _caption_norms(hidden, caption)
+        if layer_out is not None:
+            gap_sum, num_gap, norms = _gap_after_layer(seen[0], image_mask, caption_mask, regap_squared, caption_norms)
         result = {"logits": out.logits, "hidden_states": out.hidden_states if output_hidden_states else None,
                   "gap_sum": gap_sum, "num_gap_samples": num_gap, "gap": None, **norms}
         if gap_sum is not None:
@@ -297,3 +290,13 @@ def _caption_norms(hidden: Tensor, caption_mask: Optional[Tensor]) -> dict:
     rows = hidden.detach()[caption_mask.to(hidden.device)]
     return {"caption_norm_sum": torch.linalg.vector_norm(rows.double(), dim=-1).sum(),
             "caption_tokens": torch.tensor(rows.shape[0], device=hidden.device)}
+
+
+def _gap_after_layer(hidden: Tensor, image_mask: Tensor, caption_mask: Optional[Tensor], squared: bool,
+                     caption_norms: bool) -> tuple[Tensor, Tensor, dict]:
+    """(summed gap, samples, caption norms) after decoder layer k, at the sequence's image and caption positions."""
+    if caption_mask is None:
+        raise ValueError("REGAP needs caption_mask")
+    positions, caption = image_mask.to(hidden.device), caption_mask.to(hidden.device)
+    gap_sum = modality_gap(hidden, hidden, positions, caption, reduction="sum", squared=squared)
+    return gap_sum, gap_samples(positions, caption).sum(), _caption_norms(hidden, caption) if caption_norms else {}
