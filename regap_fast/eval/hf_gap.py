@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+QWEN_SIDE = 448  # the synthetic images' side for processors that take a pixel budget
 
 
 class GapInputs(NamedTuple):
@@ -75,6 +76,9 @@ class TransformersVLM:
     def image_size(self) -> int:
         """The side of the square synthetic images (blank, noise, typographic): the processor's input size."""
         images = getattr(self.processor, "image_processor", None)
+        budget = getattr(images, "max_pixels", None)
+        if budget:  # Qwen-VL, GLM-4V: a pixel budget (their ``size`` counts pixels): 448 px within it
+            return int(min(max(QWEN_SIDE, getattr(images, "min_pixels", 0) ** 0.5), budget ** 0.5))
         for attr in ("crop_size", "size", "max_image_size"):
             value = getattr(images, attr, None)
             if isinstance(value, int):
@@ -83,9 +87,6 @@ class TransformersVLM:
                 for key in ("height", "shortest_edge", "longest_edge"):
                     if value.get(key):
                         return int(value[key])
-        max_pixels = getattr(images, "max_pixels", None)
-        if max_pixels:  # Qwen-VL: a pixel budget
-            return int(max_pixels ** 0.5)
         vision = getattr(self.model.config, "vision_config", None)
         return int(getattr(vision, "image_size", 0) or 336)
 

@@ -12,14 +12,13 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 
 from helpers import make_beaverdam, make_guard  # noqa: E402
-from tiny_processors import WORDS, needs, save_folder  # noqa: E402
+from tiny_processors import PROCESSORS, WORDS, needs, save_folder  # noqa: E402
 
 from regap_fast.cli import main  # noqa: E402
 from regap_fast.eval.conditions import condition_input  # noqa: E402
 from regap_fast.eval.prompts import load_prompts  # noqa: E402
 
-FAMILIES = [pytest.param(n, id=n, marks=[*needs(n), pytest.mark.slow])
-            for n in ("LLaVA-1.5", "LLaVA-NeXT", "Qwen2-VL", "Gemma 3", "Idefics3")]
+FAMILIES = [pytest.param(n, id=n, marks=[*needs(n), pytest.mark.slow]) for n in PROCESSORS]
 CONDITIONS = ["none", "white", "black", "noise", "typo", "benchmark:image"]
 MAX_NEW = 3
 
