@@ -106,3 +106,10 @@ def test_an_unsupported_folder_is_one_line(tmp_path, capsys):
                  "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("regap-fast safety-eval: error: ") and "model_type 'llama'" in err[0]
+
+
+@pytest.mark.parametrize("name,side", [pytest.param("Qwen2-VL", 16, marks=needs("Qwen2-VL")), ("LLaVA-1.5", 16),
+                                       ("Gemma 3", 16), ("Idefics3", 32)])
+def test_synthetic_images_are_made_at_the_processors_input_size(name, side, tmp_path):
+    """A side in pixels: Qwen-VL's size counts pixels (here a 16 x 16 budget), others give a side."""
+    assert transformers_image_size(save_folder(tmp_path / "m", name)) == side
