@@ -76,9 +76,12 @@ class TransformersVLM:
     def image_size(self) -> int:
         """The side of the square synthetic images (blank, noise, typographic): the processor's input size."""
         images = getattr(self.processor, "image_processor", None)
-        budget = getattr(images, "max_pixels", None)
+        budget, low = getattr(images, "max_pixels", None), getattr(images, "min_pixels", None) or 0
+        if budget is None and hasattr(images, "temporal_patch_size"):  # transformers 5 keeps the budget in size
+            size = getattr(images, "size", None) or {}
+            budget, low = size.get("longest_edge"), size.get("shortest_edge") or 0
         if budget:  # Qwen-VL, GLM-4V: a pixel budget (their ``size`` counts pixels): 448 px within it
-            return int(min(max(QWEN_SIDE, getattr(images, "min_pixels", 0) ** 0.5), budget ** 0.5))
+            return int(min(max(QWEN_SIDE, low ** 0.5), budget ** 0.5))
         for attr in ("crop_size", "size", "max_image_size"):
             value = getattr(images, attr, None)
             if isinstance(value, int):
