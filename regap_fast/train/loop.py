@@ -137,7 +137,7 @@ def setup(plan: Plan, d: Dist) -> Run:
     if d.main:
         report.log_plan(cfg, facts, total, d.world, accum)
     if counters.initial_eval is None and eval_loader is not None:
-        counters.initial_eval = evaluate(vlm, eval_loader, d, amp)
+        counters.initial_eval = evaluate(vlm, eval_loader, d, amp, cfg.regap_layer)
         metrics.log({"step": 0, **counters.initial_eval})
     return run
 
@@ -178,14 +178,15 @@ def make_scheduler(optimizer, cfg: TrainConfig, total: int):
 
 
 @torch.no_grad()
-def evaluate(vlm: VisionLanguageModel, loader: DataLoader, d: Dist, amp) -> dict:
-    """Held-out caption loss and gap (every rank computes the same numbers: no communication)."""
+def evaluate(vlm: VisionLanguageModel, loader: DataLoader, d: Dist, amp, layer: int = 0) -> dict:
+    """Held-out caption loss and gap (at ``layer``, as trained; unscaled), every rank computing the same numbers
+    (no communication)."""
     was_training = vlm.training
     vlm.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     for batch in loader:
         with amp():
-            out = vlm(**model_inputs(batch, d.device), compute_gap=True)
+            out = vlm(**model_inputs(batch, d.device), compute_gap=True, regap_layer=layer)
         sums += torch.tensor([out["lm_loss_sum"].item(), out["num_tokens"].item(),
                               out["gap_sum"].item() if out["gap_sum"] is not None else 0.0,
                               out["num_gap_samples"].item() if out["num_gap_samples"] is not None else 0])
@@ -304,7 +305,7 @@ def measure(run: Run, step: int, rec: dict) -> dict:
     """The held-out loss and gap at this step (nothing when nothing is held out), logged on rank 0."""
     if run.eval_loader is None:
         return {}
-    held = evaluate(run.vlm, run.eval_loader, run.d, run.amp)
+    held = evaluate(run.vlm, run.eval_loader, run.d, run.amp, run.cfg.regap_layer)
     if run.d.main:
         report.log_measurement(step, run.total, rec, held)
     return held
