@@ -68,20 +68,24 @@ class LayerOutput:
 class TextNormScale:
     """alpha = 1 / mean L2 norm of the caption tokens, estimated over the first ``warmup_steps`` optimizer steps
     and frozen after them. ``observe`` the caption rows of each training forward, ``step()`` after each
-    optimizer step; ``alpha`` is the running estimate until frozen (1.0 before any caption was seen)."""
+    optimizer step. Until frozen, ``alpha`` is the running estimate: every step before this one (over all
+    processes: ``step()`` sums the step's norms across ranks under torch.distributed) plus what this process
+    has seen in this step; 1.0 before any caption token."""
 
     def __init__(self, warmup_steps: int):
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise RegapError(f"the text-norm scale needs >= 1 warm-up step to estimate alpha, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
-        self.norm_sum, self.tokens, self.steps = 0.0, 0, 0
+        self.norm_sum, self.tokens, self.steps = 0.0, 0, 0  # over the finished steps, all processes
+        self.pending_sum, self.pending_tokens = 0.0, 0  # this step, this process
         self.frozen: Optional[float] = None
 
     @property
     def alpha(self) -> float:
         if self.frozen is not None:
             return self.frozen
-        return self.tokens / self.norm_sum if self.norm_sum > 0 else 1.0
+        norm, tokens = self.norm_sum + self.pending_sum, self.tokens + self.pending_tokens
+        return tokens / norm if norm > 0 else 1.0
 
     def observe(self, hidden: Tensor, caption_mask: Tensor) -> None:
         """Add the caption tokens' norms (``hidden [B, T, D]`` at ``caption_mask [B, T]``), until frozen."""
@@ -89,19 +93,29 @@ class TextNormScale:
             return
         with torch.no_grad():
             rows = hidden.detach()[caption_mask.to(hidden.device)]
-            self.norm_sum += float(torch.linalg.vector_norm(rows.double(), dim=-1).sum())
-            self.tokens += rows.shape[0]
+            self.observe_sums(float(torch.linalg.vector_norm(rows.double(), dim=-1).sum()), rows.shape[0])
 
     def observe_sums(self, norm_sum: float, tokens: int) -> None:
-        """The same from sums already taken (over ranks, say)."""
+        """The same from sums already taken."""
         if self.frozen is None:
-            self.norm_sum += float(norm_sum)
-            self.tokens += int(tokens)
+            self.pending_sum += float(norm_sum)
+            self.pending_tokens += int(tokens)
 
     def step(self) -> None:
-        """One optimizer step done; after ``warmup_steps`` of them alpha is frozen."""
+        """One optimizer step done (every process calls it): its norms join the estimate; after ``warmup_steps``
+        steps alpha is frozen."""
         if self.frozen is not None:
             return
+        step = torch.tensor([self.pending_sum, float(self.pending_tokens)], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            step = step.to(device)
+            torch.distributed.all_reduce(step)
+        total = step.tolist()
+        self.norm_sum += total[0]
+        self.tokens += int(round(total[1]))
+        self.pending_sum, self.pending_tokens = 0.0, 0
         self.steps += 1
         if self.steps >= self.warmup_steps:
             if self.tokens == 0:
@@ -116,3 +130,4 @@ class TextNormScale:
         self.warmup_steps = int(state["warmup_steps"])
         self.norm_sum, self.tokens = float(state["norm_sum"]), int(state["tokens"])
         self.steps, self.frozen = int(state["steps"]), state["frozen"]
+        self.pending_sum, self.pending_tokens = 0.0, 0

@@ -251,7 +251,6 @@ def train_step(run: Run, step: int) -> dict:
     regap = cfg.regap_weight > 0
     scale, alpha = run.scale, 1.0
     estimating = regap and scale is not None and scale.frozen is None
-    norms = torch.zeros(2, dtype=torch.float64, device=d.device)  # this step's caption-token norms and count
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # on the device: no sync per micro-batch
     for i, b in enumerate(micro):
         # DDP all-reduces the gradients once, after the last micro-batch
@@ -265,12 +264,8 @@ def train_step(run: Run, step: int) -> dict:
             if has_gap:
                 if scale is not None:  # warm-up: this micro-batch's caption tokens join the estimate first
                     if estimating:
-                        norms += torch.stack([o["caption_norm_sum"], o["caption_tokens"].double()])
-                        seen = norms.tolist()
-                        total_norm, total_tokens = scale.norm_sum + seen[0], scale.tokens + seen[1]
-                        alpha = total_tokens / total_norm if total_norm > 0 else 1.0
-                    else:
-                        alpha = scale.alpha
+                        scale.observe_sums(o["caption_norm_sum"].item(), int(o["caption_tokens"]))
+                    alpha = scale.alpha
                 loss = loss + cfg.regap_weight * alpha * o["gap_sum"] / n_gap
             # DDP averages gradients over processes; the loss is a global sum, so undo the average
             (loss * d.world).backward()
@@ -282,10 +277,7 @@ def train_step(run: Run, step: int) -> dict:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     sums = d.all_sum(sums)
-    if estimating:  # every rank adds the same global sums: one alpha everywhere from the next step on
-        seen = d.all_sum(norms).tolist()
-        scale.observe_sums(seen[0], int(seen[1]))
-    if scale is not None and regap:
+    if scale is not None and regap:  # the step's norms summed over the ranks: one alpha everywhere from here on
         scale.step()
         run.counters.regap_scale = scale.state_dict()
     dt = time.perf_counter() - t0

@@ -94,3 +94,28 @@ def test_bad_layer_and_scale_settings_are_one_line(tmp_path, shapes):
         tiny(tmp_path / "b", shapes, regap_scale_steps=0).check()
     with pytest.raises(ValueError, match="REGAP layer 5 does not exist: the language model has 2 decoder layers"):
         train(tiny(tmp_path / "c", shapes, regap_layer=5, max_steps=1))
+
+
+@pytest.mark.slow
+def test_two_processes_freeze_the_alpha_of_one(tmp_path, shapes):
+    """Each step's caption norms are summed over the ranks: two processes freeze the alpha one process does."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    flags = ["--data", str(shapes), "--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", "3",
+             "--eval-samples", "8", "--eval-every", "3", "--num-workers", "0", "--no-progress", "--no-plot",
+             "--no-tensorboard", "--regap-weight", "0.3", "--regap-layer", "1", "--regap-scale", "text-norm",
+             "--regap-scale-steps", "2"]
+    runs = {"one": [sys.executable, "-m", "regap_fast", "train"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "regap_fast", "train"]}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, "--out", str(tmp_path / name), *flags], capture_output=True, text=True,
+                              cwd=root, env=env, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = ([r["regap_alpha"] for r in steps(tmp_path / n)] for n in ("one", "two"))
+    assert one[2] == pytest.approx(two[2], rel=1e-12) and one[2] == one[1]  # frozen after step 2, the same
