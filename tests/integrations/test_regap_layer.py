@@ -3,6 +3,7 @@ against a hand computation in float64 from the hidden states the unpatched model
 (``output_hidden_states``: entry k is the output of decoder layer k for k < the number of layers)."""
 
 import copy
+import json
 import types
 
 import pytest
@@ -147,3 +148,32 @@ def test_text_norm_alpha_is_saved_with_the_checkpoint_and_restored_exactly(tmp_p
     apply_regap(missing, layer=1, scale="text-norm", scale_warmup_steps=1)
     with pytest.raises(RegapError, match="regap_scale.json is missing"):
         callback.on_train_begin(args, types.SimpleNamespace(global_step=7), None, model=missing)
+
+
+@pytest.mark.slow
+def test_a_trainer_run_freezes_alpha_saves_it_and_resumes_it(tmp_path):
+    """The real Trainer: RegapCallback counts the optimizer steps, writes alpha into each checkpoint, and a run
+    resumed from one restores it exactly."""
+    from transformers import Trainer, TrainingArguments
+
+    from vlm_families import caption_items, collate
+
+    family = BY_NAME["LLaVA-1.5"]
+
+    def run(out, steps, resume=None):
+        model = family.build()
+        apply_regap(model, regap_weight=0.5, layer=1, scale="text-norm", scale_warmup_steps=2)
+        args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
+                                 learning_rate=1e-3, report_to=[], save_strategy="steps", save_steps=1, use_cpu=True,
+                                 seed=0, data_seed=0, disable_tqdm=True, logging_steps=1)
+        trainer = Trainer(model=model, args=args, train_dataset=caption_items(family), data_collator=collate)
+        RegapCallback.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return regap_state(model).scale
+
+    straight = run(tmp_path / "a", 3)
+    assert straight.steps == 2 and straight.frozen is not None
+    saved = [json.loads((tmp_path / "a" / f"checkpoint-{k}" / "regap_scale.json").read_text()) for k in (1, 2, 3)]
+    assert saved[0]["frozen"] is None and saved[1]["frozen"] == saved[2]["frozen"] == straight.frozen
+    resumed = run(tmp_path / "a", 3, resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.frozen == straight.frozen and resumed.steps == 2
