@@ -37,6 +37,7 @@ _EXPORTS = {
     "masked_mean_reference": ".reference",
     "apply_regap": ".integrations.transformers", "remove_regap": ".integrations.transformers",
     "RegapCallback": ".integrations.transformers", "RegapError": ".core", "modality_gap": ".core",
+    "modality_integration_rate": ".eval.mir",
 }
 
 __all__ = sorted(_EXPORTS)

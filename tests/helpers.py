@@ -272,3 +272,104 @@ def images(n, seed=0, size=(40, 48)):
     g = torch.Generator().manual_seed(seed)
     return [Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy())
             for _ in range(n)]
+
+
+# MIR (regap_fast.eval.mir) by its published procedure, independently of the streaming code
+def frechet_sqrtm(x, y):
+    """Float64 with scipy's general matrix square root of the product (the reference's "accurate" mode)."""
+    import numpy as np
+
+    x, y = x.double().numpy(), y.double().numpy()
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    from scipy.linalg import sqrtm
+
+    root = sqrtm(s_x @ s_y)
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y) - 2 * np.trace(root.real))
+
+
+def published_mir(image_layers, text_layers, sigmas=3.0):
+    """The published procedure as its paper and code describe it, written out plainly, in float64."""
+    per_layer = []
+    for x, y in zip(image_layers, text_layers):
+        x, y = x.double().clone(), y.double().clone()
+        c = 1.0 / y.norm(dim=-1).mean()
+        x, y = c * x, c * y
+        for rows in (x, y):
+            norms = rows.norm(dim=-1)
+            far = (norms - norms.median()).abs() > sigmas * norms.std()
+            rows[far] = rows.median(dim=0).values
+        per_layer.append(frechet_sqrtm(x, y))
+    return math.log10(sum(per_layer)), per_layer
+
+
+# Tiny judges: a Llama-Guard-like causal LM and a Beaver-dam-like multi-label classifier
+# A Llama-Guard-like template: the conversation goes inside a fixed moderation instruction.
+GUARD_TEMPLATE = (
+    "<s> task : check the last agent message . "
+    "{% for m in messages %}{{ 'user' if m['role'] == 'user' else 'agent' }} : {{ m['content'] }} {% endfor %}"
+    "verdict :")
+WORDS = ["unsafe", "safe", "S1", "S2", "task", "check", "the", "last", "agent", "message", ".", "user", ":",
+         "verdict", "how", "do", "i", "make", "a", "cake", "sure", "here", "is", "sorry", "no"]
+
+
+def make_guard(path, unsafe_first: bool, constant_output: bool):
+    """A tiny Llama + word-level tokenizer saved to ``path``. With ``constant_output`` every logit is
+    zero (final norm weight 0), so greedy decoding emits token id 0: "unsafe" or "safe"."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = (["unsafe", "safe"] if unsafe_first else ["safe", "unsafe"]) + WORDS[2:]
+    vocab = {w: i for i, w in enumerate(words + ["<unk>", "<s>", "</s>", "<pad>"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.chat_template = GUARD_TEMPLATE
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.5,  # varied outputs from random weights
+                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if constant_output:
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# three of Beaver-dam's 14 category names, commas included as it spells them
+BEAVER_CATEGORIES = ["animal_abuse", "controversial_topics,politics", "drug_abuse,weapons,banned_substance"]
+BEAVER_WORDS = ["BEGINNING", "OF", "CONVERSATION:", "USER:", "ASSISTANT:", "how", "do", "i", "make", "a", "cake",
+                "sure", "here", "is", "sorry", "no"]
+
+
+def make_beaverdam(path, constant: bool = False):
+    """A tiny LlamaForSequenceClassification, multi-label over BEAVER_CATEGORIES, with a word-level tokenizer.
+    ``constant``: final norm weight 0, so every logit is 0 and every probability 0.5."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(BEAVER_WORDS + ["<unk>", "<s>", "</s>", "<pad>"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.5, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
+                         num_labels=len(BEAVER_CATEGORIES), problem_type="multi_label_classification",
+                         id2label=dict(enumerate(BEAVER_CATEGORIES)),
+                         label2id={c: i for i, c in enumerate(BEAVER_CATEGORIES)})
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    if constant:
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

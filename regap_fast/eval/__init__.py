@@ -13,15 +13,19 @@ transformers, matplotlib and scipy are imported only when a function needs them.
 from .compare import compare, write_compare
 from .conditions import available_conditions, condition_input, parse_conditions
 from .gap import Pair, load_pairs, measure_gap, write_gap
-from .judges import GCG_TEST_PREFIXES, REFUSAL_PHRASES, GuardModelJudge, RefusalJudge, Verdict, parse_guard_output
+from .mir import MIRAccumulator, modality_integration_rate
+from .judges import (GCG_TEST_PREFIXES, REFUSAL_PHRASES, BeaverDamJudge, GuardModelJudge, RefusalJudge, Verdict,
+                     parse_guard_output)
 from .prompts import BenchmarkImage, Prompt, load_csv, load_figstep, load_jsonl, load_mmsafetybench, load_prompts
 from .safety import build_report, evaluate, write_report
 from .stats import correlation, paired_difference_interval, wilson_interval
 
 __all__ = [
-    "GCG_TEST_PREFIXES", "REFUSAL_PHRASES", "BenchmarkImage", "GuardModelJudge", "Pair", "Prompt", "RefusalJudge",
+    "GCG_TEST_PREFIXES", "REFUSAL_PHRASES", "BeaverDamJudge", "BenchmarkImage", "GuardModelJudge", "MIRAccumulator",
+    "Pair", "Prompt", "RefusalJudge",
     "Verdict", "available_conditions", "build_report", "compare", "condition_input", "correlation", "evaluate",
     "load_csv", "load_figstep", "load_jsonl", "load_mmsafetybench", "load_pairs", "load_prompts", "measure_gap",
+    "modality_integration_rate",
     "paired_difference_interval", "parse_conditions", "parse_guard_output", "wilson_interval", "write_compare",
     "write_gap", "write_report",
 ]

@@ -27,8 +27,8 @@ def _precision(value: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL (what ``load_model`` reads) and the options of loading it."""
     parser.add_argument("model", metavar="MODEL", help="a model: a regap-fast run folder (its model/), a model "
-                                                       "folder, or a transformers LlavaForConditionalGeneration "
-                                                       "folder")
+                                                       "folder, or a transformers vision-language model folder with "
+                                                       "its processor (any family of docs/integrations.md)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     add_aliases(parser.add_argument("--precision", "--dtype", type=_precision, default="auto",
                                     metavar="{auto,bf16,fp16,fp32}",

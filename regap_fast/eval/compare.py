@@ -18,7 +18,8 @@ from .gap import GAP_JSON
 from .safety import REPORT_JSON, TEXT_ONLY
 from .stats import correlation
 
-GAP_METRICS = {"gap_mean": "mean per-sample gap", "centroid_distance": "centroid distance"}
+GAP_METRICS = {"gap_mean": "mean per-sample gap", "centroid_distance": "centroid distance",
+               "mir": "MIR (Modality Integration Rate)"}
 COMPARE_JSON, COMPARE_CSV, COMPARE_PNG = "compare.json", "compare.csv", "compare.png"
 
 
@@ -41,12 +42,23 @@ def _safety(report: dict, metric: str, where: Path) -> dict:
     return entry
 
 
+def _gap_value(gap: dict, metric: str, where: Path) -> float:
+    if metric == "mir":
+        if "mir" not in gap:
+            raise ValueError(f"{where} has no MIR: measure it with `regap-fast gap MODEL ... --metric mir` (or both)")
+        return gap["mir"]["value"]
+    if "gap" not in gap:
+        raise ValueError(f"{where} has only MIR: compare with --gap-metric mir, or measure with --metric l2 (or both)")
+    return gap["gap"]["mean"] if metric == "gap_mean" else gap["centroid_distance"]
+
+
 def compare(run_dirs: Sequence, *, gap_metric: str = "gap_mean", safety_metric: str = "image") -> dict:
     """Gap and unsafe rate of each run, side by side, and their Pearson and Spearman correlation.
 
     Args:
         run_dirs: folders holding ``gap.json`` and ``safety.json``.
-        gap_metric: ``gap_mean`` (the mean per-sample gap REGAP trains on) or ``centroid_distance``.
+        gap_metric: ``gap_mean`` (the mean per-sample gap REGAP trains on), ``centroid_distance``, or ``mir``
+            (the REGAP paper's measure: ``regap-fast gap --metric mir``).
         safety_metric: ``image`` (the unsafe rate over all image conditions pooled), ``none``
             (text only), or any condition name of the runs.
 
@@ -67,8 +79,8 @@ def compare(run_dirs: Sequence, *, gap_metric: str = "gap_mean", safety_metric: 
         entry = _safety(report, safety_metric, d / REPORT_JSON)
         judges[name] = report["judge"]
         prompt_counts.add(report["n_prompts"])
-        runs.append({"run": name, "dir": str(d), "gap": gap["gap"]["mean"] if gap_metric == "gap_mean"
-                     else gap["centroid_distance"], "unsafe_rate": entry["rate"], "ci95": entry["ci95"],
+        runs.append({"run": name, "dir": str(d), "gap": _gap_value(gap, gap_metric, d / GAP_JSON),
+                     "unsafe_rate": entry["rate"], "ci95": entry["ci95"],
                      "n": entry["n"], "gap_pairs": gap["n_pairs"]})
     distinct = {json.dumps(j, sort_keys=True) for j in judges.values()}
     if len(distinct) > 1:

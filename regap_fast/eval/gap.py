@@ -33,7 +33,7 @@ from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_
 from .hf_gap import GapInputs
 from .stats import summarize
 
-GAP_JSON, GAP_PNG, GAP_SAMPLES = "gap.json", "gap.png", "gap_samples.csv"
+GAP_JSON, GAP_PNG, MIR_PNG, GAP_SAMPLES = "gap.json", "gap.png", "mir.png", "gap_samples.csv"
 
 
 @dataclass(frozen=True)
@@ -127,25 +127,34 @@ class _Centroids:
                 "pair_cosine_mean": sum(self.cosines) / n}
 
 
+METRICS = ("l2", "mir", "both")
+
+
 def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool = True, progress: bool = True,
-                bins: int = 30) -> dict:
+                bins: int = 30, metric: str = "l2") -> dict:
     """The modality gap of ``vlm`` over ``pairs`` (``Pair`` or ``(image, caption)``; image: path or PIL).
 
-    ``vlm``: the library's ``VisionLanguageModel`` or an ``hf_gap.TransformersVLM``. Returns ``{"n_pairs",
-    "n_skipped", "gap": {mean, std, min, max, quantiles, histogram}, "centroid_distance", "centroid_cosine",
-    "pair_cosine_mean", "per_layer": [{"layer", "gap_mean", "gap_std", "centroid_distance",
-    "centroid_cosine", "pair_cosine_mean"}, ...] (None without per_layer), "samples": [{"id", "gap"}, ...]}``.
-    A pair whose image cannot be read, or with no image or caption token, is skipped and counted in
-    ``n_skipped``.
+    ``vlm``: the library's ``VisionLanguageModel`` or an ``hf_gap.TransformersVLM``. ``metric``: ``l2`` (the
+    distance REGAP trains on), ``mir`` (the REGAP paper's measure, ``regap_fast.eval.mir``) or ``both``.
+    With ``l2``, returns ``{"n_pairs", "n_skipped", "gap": {mean, std, min, max, quantiles, histogram},
+    "centroid_distance", "centroid_cosine", "pair_cosine_mean", "per_layer": [{"layer", "gap_mean", "gap_std",
+    "centroid_distance", "centroid_cosine", "pair_cosine_mean"}, ...] (None without per_layer), "samples":
+    [{"id", "gap"}, ...]}``; with ``mir``, ``"mir": {"value", "per_layer": [...], ...}`` (the image-token
+    and caption-token hidden states after every decoder layer; the pairs are streamed again only if the
+    outlier rule fires). A pair whose image cannot be read, or with no image or caption token, is skipped and
+    counted in ``n_skipped``.
     """
     import torch
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown gap metric {metric!r}; choose one of {METRICS}")
     pairs = [p if isinstance(p, Pair) else Pair(str(i), p[0], p[1]) for i, p in enumerate(pairs)]
     if not pairs:
         raise ValueError("no pairs to measure")
+    l2, with_mir, mir = metric in ("l2", "both"), metric in ("mir", "both"), None
     inputs, layers, samples, skipped = _Centroids(), [], [], 0
     bar = tqdm(total=len(pairs), desc="gap", unit="pair", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
@@ -156,15 +165,75 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
         if not batch:
             continue
         with torch.inference_mode():
-            x = _gap_inputs(vlm, batch, images, per_layer)
+            x = _gap_inputs(vlm, batch, images, per_layer or with_mir)
             layers = layers or [_Centroids() for _ in x.hidden or ()]
             gaps, valid = _measure_batch(x, inputs, layers)
+            if with_mir:
+                mir = mir or _mir_accumulator(x)
+                _add_mir(mir, x, valid)
         skipped += int((~valid).sum())
         samples += [{"id": p.id, "gap": float(g)} for p, g, ok in zip(batch, gaps, valid) if ok]
     bar.close()
     if not samples:
         raise ValueError("no pair could be measured (no readable image with image and caption tokens)")
-    return _summary(inputs, layers if per_layer else None, samples, skipped, bins)
+    result = _summary(inputs, layers if per_layer else None, samples, skipped, bins)
+    if mir is not None:
+        result["mir"] = _finish_mir(vlm, mir, pairs, batch_size, progress)
+    if not l2:  # MIR alone: the pair counts and the per-pair ids, not the L2 numbers
+        result = {k: result[k] for k in ("n_pairs", "n_skipped", "mir", "samples")}
+        result["samples"] = [{"id": s["id"]} for s in samples]
+    return result
+
+
+def _mir_accumulator(x: GapInputs):
+    from .mir import MIRAccumulator
+
+    if not x.hidden or len(x.hidden) < 2:
+        raise ValueError("MIR needs the hidden states after the decoder layers; the model returned none")
+    return MIRAccumulator(len(x.hidden) - 1)
+
+
+def _add_mir(acc, x: GapInputs, valid) -> None:
+    """The image-token and caption-token rows of the measured pairs after each decoder layer (the input
+    embeddings, hidden state 0, are not used: as the published MIR)."""
+    keep = valid.to(x.hidden_image_mask.device)[:, None]
+    image, caption = x.hidden_image_mask & keep, x.hidden_caption_mask & keep
+    for layer, h in enumerate(x.hidden[1:]):
+        acc.add(layer, h[image.to(h.device)], h[caption.to(h.device)])
+
+
+def _finish_mir(vlm, acc, pairs: Sequence, batch_size: int, progress: bool) -> dict:
+    """The further passes MIR's outlier rule needs (the same pairs, the same batches), and its report."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..core import gap_samples
+    from .mir import RADIX_PASSES
+
+    acc.next_pass()
+    while acc.passes_needed:
+        bar = tqdm(total=len(pairs), desc=f"MIR median pass {acc.pass_index}/{RADIX_PASSES}", unit="pair",
+                   disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(pairs), batch_size):
+            with warnings.catch_warnings():  # the first pass warned already
+                warnings.simplefilter("ignore")
+                batch, images = _readable(pairs[start:start + batch_size])
+            bar.update(min(batch_size, len(pairs) - start))
+            if batch:
+                with torch.inference_mode():
+                    x = _gap_inputs(vlm, batch, images, True)
+                    _add_mir(acc, x, gap_samples(x.image_mask, x.caption_mask).cpu())
+        bar.close()
+        acc.next_pass()
+    r = acc.result()
+    return {"definition": "MIR (Huang et al. 2024, arXiv 2410.07167): log10 of the sum over decoder layers "
+                          "1..L of the Frechet distance between the image-token and the caption-token hidden "
+                          "states, both scaled by 1 / mean caption-token norm, 3-sigma norm outliers replaced "
+                          "by the per-dimension median (regap_fast.eval.mir)",
+            "value": r.mir, "passes": acc.pass_index,
+            "per_layer": [{"layer": i + 1, "frechet": f, "scale": c, "image_rows": n[0], "caption_rows": n[1],
+                           "image_outliers": k[0], "caption_outliers": k[1]}
+                          for i, (f, c, n, k) in enumerate(zip(r.per_layer, r.scale, r.rows, r.outliers))]}
 
 
 def _readable(pairs: Sequence[Pair]) -> tuple[list[Pair], list]:
@@ -219,31 +288,47 @@ def _summary(inputs: "_Centroids", layers: Optional[list], samples: list, skippe
 
 
 def write_gap(result: dict, out_dir) -> None:
-    """gap.json (everything but the per-pair values), gap_samples.csv (those), gap.png."""
-    from .plots import plot_gap
+    """gap.json (everything but the per-pair values), gap_samples.csv (those), gap.png (the L2 gap), mir.png
+    (MIR per layer)."""
+    from .plots import plot_gap, plot_mir
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "samples"}
     (out_dir / GAP_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    l2 = "gap" in result
     with open(out_dir / GAP_SAMPLES, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(("id", "gap"))
-        writer.writerows((s["id"], s["gap"]) for s in result["samples"])
-    plot_gap(result, out_dir / GAP_PNG)
+        writer.writerow(("id", "gap") if l2 else ("id",))
+        writer.writerows((s["id"], s["gap"]) if l2 else (s["id"],) for s in result["samples"])
+    if l2:
+        plot_gap(result, out_dir / GAP_PNG)
+    if "mir" in result:
+        plot_mir(result, out_dir / MIR_PNG)
+
+
+def written_files(result: dict) -> list:
+    return [GAP_JSON, *([GAP_PNG] if "gap" in result else []), *([MIR_PNG] if "mir" in result else []), GAP_SAMPLES]
 
 
 def format_gap(result: dict) -> str:
-    g = result["gap"]
-    q = g["quantiles"]
-    lines = [f"pairs: {result['n_pairs']} (skipped {result['n_skipped']})",
-             (f"per-sample gap: mean {g['mean']:.4f}  std {g['std']:.4f}  median {q['0.5']:.4f}  "
-              f"[5%, 95%] [{q['0.05']:.4f}, {q['0.95']:.4f}]"),
-             (f"centroids: distance {result['centroid_distance']:.4f}  cosine {result['centroid_cosine']:.4f}  "
-              f"(mean per-pair cosine {result['pair_cosine_mean']:.4f})")]
-    for row in result["per_layer"] or []:
-        lines.append(f"  layer {row['layer']:>2}: gap {row['gap_mean']:.4f} +- {row['gap_std']:.4f}  "
-                     f"centroid distance {row['centroid_distance']:.4f}  cosine {row['centroid_cosine']:.4f}")
+    lines = [f"pairs: {result['n_pairs']} (skipped {result['n_skipped']})"]
+    if "gap" in result:
+        g = result["gap"]
+        q = g["quantiles"]
+        lines += [(f"per-sample gap: mean {g['mean']:.4f}  std {g['std']:.4f}  median {q['0.5']:.4f}  "
+                   f"[5%, 95%] [{q['0.05']:.4f}, {q['0.95']:.4f}]"),
+                  (f"centroids: distance {result['centroid_distance']:.4f}  cosine {result['centroid_cosine']:.4f}  "
+                   f"(mean per-pair cosine {result['pair_cosine_mean']:.4f})")]
+        for row in result["per_layer"] or []:
+            lines.append(f"  layer {row['layer']:>2}: gap {row['gap_mean']:.4f} +- {row['gap_std']:.4f}  "
+                         f"centroid distance {row['centroid_distance']:.4f}  cosine {row['centroid_cosine']:.4f}")
+    if "mir" in result:
+        m = result["mir"]
+        lines.append(f"MIR: {m['value']:.4f}  (log10 of the summed per-layer Frechet distances)")
+        for row in m["per_layer"]:
+            lines.append(f"  layer {row['layer']:>2}: Frechet distance {row['frechet']:.4f}  "
+                         f"(outliers replaced: image {row['image_outliers']}, caption {row['caption_outliers']})")
     return "\n".join(lines)
 
 
@@ -257,7 +342,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (gap.json, gap.png, ...)").hidden_aliases = ("--output_dir",)
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N pairs")
-    parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer gaps (less memory)")
+    parser.add_argument("--no-per-layer", action="store_true", help="skip the per-layer L2 gaps (less memory)")
+    parser.add_argument("--metric", choices=METRICS, default="l2",
+                        help="l2: the distance of the two means REGAP trains on (default); mir: the REGAP paper's "
+                             "Modality Integration Rate over the decoder layers; both")
     add_progress_argument(parser)
     add_model_arguments(parser)
     parser.epilog = ("MODEL may also be a transformers vision-language model folder with its processor (any\n"
@@ -271,12 +359,13 @@ def run(args: argparse.Namespace) -> int:
     pairs = load_pairs(args.data, args.image_folder, args.limit)  # bad inputs fail here, before the model loads
     vlm = _load(args)
     result = measure_gap(vlm, pairs, batch_size=args.batch_size, per_layer=not args.no_per_layer,
-                         progress=show_progress(args))
+                         progress=show_progress(args), metric=args.metric)
     result["model"] = str(Path(args.model).resolve())
     result["data"] = str(Path(args.data).resolve())
     write_gap(result, args.out)
     print(format_gap(result))
-    print(f"wrote {Path(args.out) / GAP_JSON}, {GAP_PNG}, {GAP_SAMPLES}")
+    first, *rest = written_files(result)
+    print(f"wrote {Path(args.out) / first}, {', '.join(rest)}")
     return 0
 
 

@@ -1,6 +1,9 @@
-"""``regap-fast gap`` on a transformers vision-language model folder, with the model's own processor and
-chat template (any family of docs/integrations.md; the folder holds the model and its processor, as
-``save_pretrained`` writes them).
+"""``regap-fast gap`` and ``safety-eval`` on a transformers vision-language model folder, with the model's own
+processor and chat template (any family of docs/integrations.md; the folder holds the model and its
+processor, as ``save_pretrained`` writes them).
+
+``safety-eval``: ``TransformersVLM.generate`` renders each request as a user turn (the image first when the
+condition sends one) with the generation prompt, and decodes what ``model.generate`` adds.
 
 Each pair becomes one conversation, rendered by the processor's chat template: the user turn is the
 record's own question (its human turn, the ``<image>`` placeholder dropped) with the image, the
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+QWEN_SIDE = 448  # the synthetic images' side for processors that take a pixel budget
 
 
 class GapInputs(NamedTuple):
@@ -60,8 +64,69 @@ class TransformersVLM:
         """The model (``AutoModelForImageTextToText``) and its processor from a local folder."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto")
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype or "auto")
+        except ValueError as e:  # transformers lists every class it knows: one line is enough
+            kind = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+            raise ValueError(f"{path}: model_type {kind!r} is not a transformers image-text-to-text model "
+                             f"({str(e).splitlines()[0][:160]})") from None
         return cls(model.to(device), AutoProcessor.from_pretrained(str(path)))
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square synthetic images (blank, noise, typographic): the processor's input size."""
+        images = getattr(self.processor, "image_processor", None)
+        budget, low = getattr(images, "max_pixels", None), getattr(images, "min_pixels", None) or 0
+        if budget is None and hasattr(images, "temporal_patch_size"):  # transformers 5 keeps the budget in size
+            size = getattr(images, "size", None) or {}
+            budget, low = size.get("longest_edge"), size.get("shortest_edge") or 0
+        if budget:  # Qwen-VL, GLM-4V: a pixel budget (their ``size`` counts pixels): 448 px within it
+            return int(min(max(QWEN_SIDE, low ** 0.5), budget ** 0.5))
+        for attr in ("crop_size", "size", "max_image_size"):
+            value = getattr(images, attr, None)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, dict) or hasattr(value, "get"):
+                for key in ("height", "shortest_edge", "longest_edge"):
+                    if value.get(key):
+                        return int(value[key])
+        vision = getattr(self.model.config, "vision_config", None)
+        return int(getattr(vision, "image_size", 0) or 336)
+
+    def _prompt(self, request: str, with_image: bool) -> str:
+        user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": request}]
+        return self.processor.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def generate(self, prompts: Sequence[str], images: Sequence, *, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, batch_size: int = 8) -> list[str]:
+        """Answers to raw user requests (each with a PIL image or None), batched with left padding; requests
+        with and without an image go in separate forward passes (processors take one kind per call)."""
+        import torch
+
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        answers: list = [None] * len(prompts)
+        groups = [[i for i, im in enumerate(images) if (im is None) == none] for none in (True, False)]
+        dtype = next(self.model.parameters()).dtype
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
+        for group in groups:
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                with_image = images[chunk[0]] is not None
+                texts = [self._prompt(prompts[i], with_image) for i in chunk]
+                kwargs = {"images": [[images[i].convert("RGB")] for i in chunk]} if with_image else {}
+                batch = self.processor(text=texts, padding=True, padding_side="left", add_special_tokens=False,
+                                       return_tensors="pt", **kwargs)
+                inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype)
+                          for k, v in batch.items()}
+                with torch.inference_mode():
+                    out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+                new = out[:, inputs["input_ids"].shape[1]:]
+                for i, text in zip(chunk, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    answers[i] = text.strip()
+        return answers
 
     def _conversation(self, prompt: str, caption: str) -> str:
         user = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])

@@ -44,6 +44,27 @@ def plot_gap(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_mir(result: dict, path: Path) -> None:
+    """MIR's per-layer Frechet distance (log scale) through the decoder layers."""
+    from matplotlib.ticker import MaxNLocator
+
+    mir = result["mir"]
+    fig, axes = _figure(6.5, 4)
+    ax = axes[0]
+    x = [row["layer"] for row in mir["per_layer"]]
+    y = [row["frechet"] for row in mir["per_layer"]]
+    ax.plot(x, y, "o-")
+    if min(y) > 0:
+        ax.set_yscale("log")
+    ax.set(xlabel="decoder layer", ylabel="Frechet distance (text-centric scale)",
+           title=f"per-layer MIR ({result['n_pairs']} pairs): MIR = {mir['value']:.4f}")
+    if len(x) <= 16:
+        ax.set_xticks(x)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(path, dpi=120)
+
+
 def _interval_errors(rows: list[dict], key: str = "rate"):
     lows = [r[key] - r["ci95"][0] if r["ci95"][0] is not None else 0 for r in rows]
     highs = [r["ci95"][1] - r[key] if r["ci95"][1] is not None else 0 for r in rows]

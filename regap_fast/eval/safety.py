@@ -22,11 +22,11 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, load_vlm,
-                   show_progress)
+from ._cli import (add_image_folder_argument, add_model_arguments, add_progress_argument, device_and_dtype,
+                   load_vlm, show_progress)
 from .cache import JsonlStore
 from .conditions import TEXT_ONLY, condition_input, condition_text, parse_conditions
-from .judges import GuardModelJudge, RefusalJudge, Verdict
+from .judges import BEAVERDAM_THRESHOLD, CATEGORY_SEP, BeaverDamJudge, GuardModelJudge, RefusalJudge, Verdict
 from .prompts import BENCHMARKS, Prompt, load_prompts
 from .stats import paired_difference_interval, wilson_interval
 
@@ -91,7 +91,7 @@ def evaluate(vlm, prompts: Sequence[Prompt], conditions=None, judge=None, *, out
     judge_info = _describe(judge)
     verdicts = _judge(judge, judge_info, responses, out_dir / VERDICTS, judge_batch_size, progress)
     rows = [{"id": r["id"], "condition": r["condition"], "category": r["category"], "unsafe": v["unsafe"],
-             "label": v["label"]} for r, v in zip(responses, verdicts)]
+             "label": v["label"], "detail": v.get("detail", "")} for r, v in zip(responses, verdicts)]
     report = build_report(rows, conditions, judge_info, settings, len(prompts))
     write_report(report, out_dir)
     return report
@@ -190,7 +190,7 @@ def build_report(rows: list[dict], conditions: list[str], judge: dict, settings:
         present = [c for c in conditions if any(r["condition"] == c and r["category"] == cat for r in rows)]
         by_category[cat], degradation_by_category[cat] = _table([r for r in rows if r["category"] == cat], present)
     image_rows = [r for r in rows if r["condition"] != TEXT_ONLY]
-    return {
+    report = {
         "judge": judge,
         "settings": settings,
         "n_prompts": n_prompts,
@@ -201,6 +201,17 @@ def build_report(rows: list[dict], conditions: list[str], judge: dict, settings:
         "degradation_by_category": degradation_by_category,
         "summary": {"text_only": rates.get(TEXT_ONLY), "image": _rate(image_rows) if image_rows else None},
     }
+    if judge.get("categories"):  # a multi-label judge: how often each of its harm categories was flagged
+        report["judge_categories"] = {c: _category_rates([r for r in rows if r["condition"] == c],
+                                                         judge["categories"]) for c in conditions}
+    return report
+
+
+def _category_rates(rows: list[dict], categories: list[str]) -> dict:
+    flagged = Counter(name for r in rows if r["unsafe"] for name in (r.get("detail") or "").split(CATEGORY_SEP))
+    return {name: {"n": len(rows), "flagged": flagged[name], "rate": _none_if_nan(flagged[name] / len(rows)
+                                                                                  if rows else math.nan)}
+            for name in categories}
 
 
 CSV_COLUMNS = ("condition", "category", "n", "unsafe", "unsafe_rate", "ci95_low", "ci95_high",
@@ -262,9 +273,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conditions", metavar="LIST",
                         help="comma-separated: none, white, black, noise, typo, benchmark[:KIND], all "
                              "(default: all available)")
-    parser.add_argument("--judge", choices=("refusal", "guard"), default="refusal",
-                        help="refusal-phrase matching, or a local Llama-Guard-style classifier (--guard-model)")
+    parser.add_argument("--judge", choices=("refusal", "guard", "beaverdam"), default="refusal",
+                        help="refusal-phrase matching, a local Llama-Guard-style classifier (--guard-model), or a "
+                             "local QA-moderation classifier in Beaver-dam-7B's format (--judge-model)")
     parser.add_argument("--guard-model", metavar="DIR", help="the classifier folder for --judge guard")
+    parser.add_argument("--judge-model", metavar="DIR", help="the classifier folder for --judge beaverdam "
+                                                             "(or guard)")
+    parser.add_argument("--judge-threshold", type=float, default=BEAVERDAM_THRESHOLD, metavar="P",
+                        help="--judge beaverdam flags an answer when a category's probability exceeds P "
+                             f"(default {BEAVERDAM_THRESHOLD}, QAModeration.predict's)")
     parser.add_argument("--refusal-mode", choices=("substring", "prefix"), default="substring",
                         help="where --judge refusal looks for refusal phrases (default: anywhere, as GCG)")
     parser.add_argument("--out", "--output_dir", required=True, metavar="DIR",
@@ -284,16 +301,23 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.judge == "guard" and not args.guard_model:
+    judge_model = args.judge_model or (args.guard_model if args.judge == "guard" else None)
+    if args.judge == "guard" and not judge_model:
         raise ValueError("--judge guard needs --guard-model DIR (a local Llama-Guard-style checkpoint)")
+    if args.judge == "beaverdam" and not judge_model:
+        raise ValueError("--judge beaverdam needs --judge-model DIR (a local Beaver-dam-7B-style classifier)")
+    if args.judge != "beaverdam" and args.judge_threshold != BEAVERDAM_THRESHOLD:
+        raise ValueError("--judge-threshold applies to --judge beaverdam only")
     prompts = load_prompts(args.prompts, args.benchmark, args.image_folder, args.limit)
     conditions = parse_conditions(args.conditions, prompts)
     if args.judge == "guard":
-        judge = GuardModelJudge(args.guard_model, batch_size=args.batch_size)
+        judge = GuardModelJudge(judge_model, batch_size=args.batch_size)
+    elif args.judge == "beaverdam":
+        judge = BeaverDamJudge(judge_model, threshold=args.judge_threshold, batch_size=args.batch_size)
     else:
         judge = RefusalJudge(mode=args.refusal_mode)
-    vlm, device, dtype = load_vlm(args)
-    if isinstance(judge, GuardModelJudge):
+    vlm, device, dtype = _load(args)
+    if isinstance(judge, (GuardModelJudge, BeaverDamJudge)):
         judge.device, judge.dtype = device, dtype
     report = evaluate(vlm, prompts, conditions, judge, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature,
@@ -301,3 +325,15 @@ def run(args: argparse.Namespace) -> int:
     print(format_report(report))
     print(f"wrote {Path(args.out) / REPORT_JSON}, {REPORT_CSV}, {REPORT_PNG} ({RESPONSES}: the answers)")
     return 0
+
+
+def _load(args: argparse.Namespace):
+    """(vlm, device, dtype): a transformers VLM folder with its processor (any family apply_regap supports, through
+    its own processor and chat template), else what ``load_model`` reads (the library's own, LLaVA without a
+    processor)."""
+    from .hf_gap import TransformersVLM, is_transformers_folder
+
+    if is_transformers_folder(args.model):
+        device, dtype = device_and_dtype(args)
+        return TransformersVLM.from_folder(args.model, device, dtype), device, dtype
+    return load_vlm(args)

@@ -43,6 +43,7 @@ from transformers import TrainerCallback
 
 from ..constants import IGNORE_INDEX
 from ..core import RegapError, caption_mask, check_labels, gap_samples, modality_gap
+from ..gap_layer import SCALES, LayerOutput, TextNormScale, check_layer
 from ..projector import FusedLinearProjector, FusedLlavaProjector
 
 # the fast path: model class -> (kind of projector, where it may sit: transformers 5 nests LLaVA's under .model)
@@ -143,6 +144,8 @@ class RegapState:
     last_regap_term: Optional[Tensor] = field(default=None, repr=False)  # for trainers that build their own loss
     gap_sum: Optional[Tensor] = field(default=None, repr=False)  # detached, since the last log
     gap_steps: int = 0
+    layer: int = 0  # where the gap is taken: 0 the LLM input, k >= 1 after decoder layer k (regap_fast.gap_layer)
+    scale: Optional[TextNormScale] = None  # --regap-scale text-norm: the gap times a warm-up-frozen alpha
 
     def __deepcopy__(self, memo):
         """A copy of the model gets copies of the settings and modules, not the last forward's graph."""
@@ -296,14 +299,20 @@ def _choose_projector(model: nn.Module, state: RegapState, fuse_projector: Optio
 
 def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = False, backend: str = "auto",
                 special_token_ids: Iterable[int] = (), include_video: bool = True,
-                fuse_projector: Optional[bool] = None) -> nn.Module:
+                fuse_projector: Optional[bool] = None, layer: int = 0, scale: str = "none",
+                scale_warmup_steps: Optional[int] = None) -> nn.Module:
     """Add REGAP to ``model`` (in place; returned for chaining). See the module docstring.
 
     ``special_token_ids``: ids never counted as caption tokens, on top of every token id the config names
     (pass ``tokenizer.all_special_ids`` for chat templates with extra markers, e.g. an end-of-turn token
     your labels cover). ``include_video``: video placeholders count as image tokens. ``fuse_projector``:
     the fused projector where it applies (None), required (True: RegapError where it cannot), or never
-    (False: the model's modules stay as they are). Applying again updates every setting.
+    (False: the model's modules stay as they are). ``layer``: 0 takes the gap at the LLM input; k >= 1 after
+    decoder layer k (generic path, same masks; the fused projector serves layer 0 only). ``scale="text-norm"``:
+    the gap times alpha = 1 / mean caption-token norm at that layer, estimated over the first
+    ``scale_warmup_steps`` optimizer steps (``RegapCallback`` counts them and saves alpha with each Trainer
+    checkpoint; in a loop of your own call ``regap_state(model).scale.step()`` after each optimizer step and
+    keep ``.scale.state_dict()``). Applying again updates every setting (and restarts the alpha estimate).
     """
     if isinstance(regap_weight, bool) or not isinstance(regap_weight, (int, float)) or regap_weight < 0:
         raise RegapError(f"regap_weight must be a number >= 0, got {regap_weight!r}")
@@ -311,7 +320,13 @@ def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = 
     if backend not in BACKENDS:
         raise RegapError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     check_supported(model)
-    settings = dict(weight=float(regap_weight), squared=squared, backend=backend, include_video=include_video,
+    layer = check_layer(layer, _decoder(model))
+    if scale not in SCALES:
+        raise RegapError(f"unknown REGAP scale {scale!r}; choose one of {SCALES}")
+    if scale == "text-norm" and scale_warmup_steps is None:
+        raise RegapError("scale='text-norm' needs scale_warmup_steps (the optimizer steps alpha is estimated over)")
+    settings = dict(layer=layer, scale=TextNormScale(scale_warmup_steps) if scale == "text-norm" else None,
+                    weight=float(regap_weight), squared=squared, backend=backend, include_video=include_video,
                     special_ids=torch.tensor(special_ids_of(model, special_token_ids), dtype=torch.long),
                     image_ids=torch.tensor(placeholder_ids(model, include_video), dtype=torch.long))
     state: Optional[RegapState] = model.__dict__.get("_regap")
@@ -384,11 +399,13 @@ def _wrap_forward(inner: Callable) -> Callable:
         fast = _fast_path_applies(state, named)
         state.capturing = True
         try:
-            with _PooledOutputs(state.fused) if fast else LanguageModelInputs(self) as seen:
+            with _PooledOutputs(state.fused) if fast else _gap_side(self, state) as seen:
                 out = inner(self, *args, **kwargs)
         finally:
             state.capturing = False
         gap = _batch_gap(self, state, seen, fast, input_ids, labels, given_caption)
+        if state.scale is not None:
+            gap = _scaled(self, state, gap, seen[0], fast, input_ids, labels, given_caption)
         if self.training:
             state.record(gap)
         state.last_regap_term = state.weight * gap * _loss_share(labels, named.get("num_items_in_batch"))
@@ -419,7 +436,7 @@ def _ids_and_labels(named: dict) -> tuple[Tensor, Tensor]:
 
 def _fast_path_applies(state: RegapState, named: dict) -> bool:
     """The fused projector's pooled output is the image side when it runs on whole images, in this forward."""
-    return (state.fused is not None and named.get("image_sizes") is None
+    return (state.fused is not None and state.layer == 0 and named.get("image_sizes") is None
             and named.get("mm_encoder_outputs") is None)
 
 
@@ -444,6 +461,21 @@ class LanguageModelInputs:
     @torch.compiler.disable
     def __exit__(self, *exc) -> None:
         self.hook.remove()
+
+
+def _gap_side(model: nn.Module, state: RegapState):
+    """What the generic path reads: the LLM's inputs_embeds (layer 0) or the output of decoder layer k."""
+    return LanguageModelInputs(model) if state.layer == 0 else LayerOutput(_decoder(model), state.layer)
+
+
+def _scaled(model: nn.Module, state: RegapState, gap: Tensor, side: Tensor, fast: bool, input_ids: Tensor,
+            labels: Tensor, given_caption: Optional[Tensor]) -> Tensor:
+    """The gap times the text-norm alpha; a training forward adds its caption tokens to alpha's estimate first."""
+    if model.training and state.scale.frozen is None:
+        caption = _caption(state, input_ids.to(side.device), labels, given_caption)
+        rows = model.get_input_embeddings()(input_ids.to(side.device)) if fast else side  # fast: side is pooled
+        state.scale.observe(rows, caption)
+    return gap * state.scale.alpha
 
 
 class _PooledOutputs:
@@ -559,6 +591,22 @@ class RegapCallback(TrainerCallback):
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
+    # the text-norm scale: counted in optimizer steps, saved with each checkpoint, restored on resume
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        regap = None if model is None else regap_state(model)
+        if regap is not None and regap.scale is not None:
+            regap.scale.step()
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        regap = None if model is None else regap_state(model)
+        if regap is not None and regap.scale is not None and state.is_world_process_zero:
+            save_scale(regap, _checkpoint_dir(args, state))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        regap = None if model is None else regap_state(model)
+        if regap is not None and regap.scale is not None and state.global_step > 0:  # resumed
+            load_scale(regap, _checkpoint_dir(args, state))
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if logs is None or "loss" not in logs or model is None:  # training logs only
             return
@@ -574,3 +622,35 @@ class RegapCallback(TrainerCallback):
         last = state.log_history[-1] if state.log_history else None
         if last is not None and last.get("step") == state.global_step and "loss" in last:
             last["regap_gap"] = value  # the Trainer copied logs into its history before calling us
+
+
+SCALE_FILE = "regap_scale.json"
+
+
+def _checkpoint_dir(args, state):
+    from pathlib import Path
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def save_scale(regap: RegapState, folder) -> None:
+    """The text-norm scale's state (its frozen alpha, or the estimate so far) as ``folder/regap_scale.json``."""
+    import json
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / SCALE_FILE).write_text(json.dumps(regap.scale.state_dict()) + "\n", encoding="utf-8")
+
+
+def load_scale(regap: RegapState, folder) -> None:
+    """Restore what ``save_scale`` wrote (exactly: JSON keeps a float's every bit)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / SCALE_FILE
+    if not path.is_file():
+        raise RegapError(f"resuming with the text-norm REGAP scale, but {path} is missing: alpha cannot be restored "
+                         f"(was the checkpoint written without RegapCallback?)")
+    regap.scale.load_state_dict(json.loads(path.read_text(encoding="utf-8")))

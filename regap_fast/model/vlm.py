@@ -12,6 +12,7 @@ model is ``build.py``, writing its files ``checkpoints.py``, analysis and genera
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from ..constants import IGNORE_INDEX
 from ..core import gap_samples, modality_gap
 from ..data.llava import Encoder, ImageTransform
+from ..gap_layer import LayerOutput
 from .archs import get_arch
 from .build import build_from_config, build_from_parts
 from .checkpoints import is_peft, read_projector_weights, save_model
@@ -189,7 +191,8 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
                 image_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 caption_mask: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
                 regap_weight: float = 0.0, compute_gap: bool = False, regap_squared: bool = False,
-                full_logits: bool = False, output_hidden_states: bool = False) -> dict:
+                full_logits: bool = False, output_hidden_states: bool = False, regap_layer: int = 0,
+                caption_norms: bool = False) -> dict:
         """The loss of a batch (the Collator's tensors).
 
         Returns a dict: ``loss`` (= lm_loss + regap_weight * gap), ``lm_loss`` (mean over label
@@ -198,6 +201,11 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         ``gap_sum``, ``num_gap_samples``) so that a trainer can normalise over a global batch;
         ``logits`` (at the label positions only unless ``full_logits``), ``hidden_states``.
 
+        ``regap_layer`` k >= 1: the gap after decoder layer k (``regap_fast.gap_layer``; the image and caption
+        positions of the sequence) instead of at the LLM input. ``caption_norms``: also ``caption_norm_sum``
+        and ``caption_tokens``, the summed L2 norms of the caption tokens where the gap is taken (the
+        text-norm scale's estimate).
+
         With right padding and a causal LM the attention mask changes nothing at the positions that
         carry a label, so passing none lets SDPA run its flash kernel.
         """
@@ -205,20 +213,28 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
         input_ids = input_ids.to(embed.weight.device)
         inputs_embeds = embed(input_ids)
         gap_sum = num_gap = None
+        want_gap = pixel_values is not None and (regap_weight > 0 or compute_gap)
+        norms = {}
+        if want_gap and caption_norms and regap_layer == 0:
+            norms = _caption_norms(inputs_embeds, caption_mask)
         if pixel_values is not None:
             inputs_embeds, gap_sum, num_gap = self._splice_images(
                 inputs_embeds, input_ids, pixel_values, image_mask, caption_mask,
-                want_gap=regap_weight > 0 or compute_gap, squared=regap_squared)
+                want_gap=want_gap and regap_layer == 0, squared=regap_squared)
 
         keep = 0  # all positions
         if labels is not None:
             labels = labels.to(input_ids.device)
             if not full_logits:  # the LM head only where a label follows (stage 1: the caption, not 576 image slots)
                 keep = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
-                                  output_hidden_states=output_hidden_states, logits_to_keep=keep)
+        layer_out = LayerOutput(self.language_model, regap_layer) if want_gap and regap_layer > 0 else None
+        with layer_out or contextlib.nullcontext() as seen:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False,
+                                      output_hidden_states=output_hidden_states, logits_to_keep=keep)
+        if layer_out is not None:
+            gap_sum, num_gap, norms = _gap_after_layer(seen[0], image_mask, caption_mask, regap_squared, caption_norms)
         result = {"logits": out.logits, "hidden_states": out.hidden_states if output_hidden_states else None,
-                  "gap_sum": gap_sum, "num_gap_samples": num_gap, "gap": None}
+                  "gap_sum": gap_sum, "num_gap_samples": num_gap, "gap": None, **norms}
         if gap_sum is not None:
             result["gap"] = gap_sum / num_gap.clamp(min=1)
         if labels is None:
@@ -265,3 +281,22 @@ class VisionLanguageModel(InferenceMixin, nn.Module):
             if trained:
                 lm_sum = lm_sum + 0.0 * sum(p.sum() for p in trained)
         return {"lm_loss_sum": lm_sum, "num_tokens": n_tok, "lm_loss": lm_sum / n_tok.clamp(min=1)}
+
+
+def _caption_norms(hidden: Tensor, caption_mask: Optional[Tensor]) -> dict:
+    """The summed L2 norms of the caption rows (detached, fp64) and their number: the text-norm scale's input."""
+    if caption_mask is None:
+        raise ValueError("REGAP needs caption_mask")
+    rows = hidden.detach()[caption_mask.to(hidden.device)]
+    return {"caption_norm_sum": torch.linalg.vector_norm(rows.double(), dim=-1).sum(),
+            "caption_tokens": torch.tensor(rows.shape[0], device=hidden.device)}
+
+
+def _gap_after_layer(hidden: Tensor, image_mask: Tensor, caption_mask: Optional[Tensor], squared: bool,
+                     caption_norms: bool) -> tuple[Tensor, Tensor, dict]:
+    """(summed gap, samples, caption norms) after decoder layer k, at the sequence's image and caption positions."""
+    if caption_mask is None:
+        raise ValueError("REGAP needs caption_mask")
+    positions, caption = image_mask.to(hidden.device), caption_mask.to(hidden.device)
+    gap_sum = modality_gap(hidden, hidden, positions, caption, reduction="sum", squared=squared)
+    return gap_sum, gap_samples(positions, caption).sum(), _caption_norms(hidden, caption) if caption_norms else {}

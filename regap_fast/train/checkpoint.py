@@ -44,6 +44,7 @@ class Counters:
     skipped: int = 0  # bad records skipped when drawn
     train_seconds: float = 0.0
     initial_eval: Optional[dict] = None  # the held-out eval_lm_loss and eval_gap before the first step
+    regap_scale: Optional[dict] = None  # --regap-scale text-norm: the alpha estimate (TextNormScale.state_dict)
 
 
 def _distributed() -> bool:

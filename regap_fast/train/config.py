@@ -83,6 +83,13 @@ class TrainConfig:
     lora_dropout: float = arg(0.05, "LoRA dropout")
     regap_weight: float = arg(0.1, "lambda: loss = lm + lambda * gap; 0 turns REGAP off (and costs nothing)")
     regap_squared: bool = arg(False, "use the squared distance ||.||^2 (the paper uses ||.||)")
+    regap_layer: int = arg(0, "where the gap is taken: 0 the LLM input (the fused kernels), k >= 1 the hidden "
+                              "states after decoder layer k (the paper regularises the first layer)")
+    regap_scale: str = arg("none", "text-norm: the gap times alpha = 1 / mean caption-token norm, estimated over "
+                                   "--regap-scale-steps then frozen and kept in the checkpoints (MIR's "
+                                   "normalisation; the paper's warm-up alpha)", ["none", "text-norm"])
+    regap_scale_steps: Optional[int] = arg(None, "optimizer steps the text-norm alpha is estimated over (default: "
+                                                 "the warm-up steps, at least 1)")
     max_steps: Optional[int] = arg(None, "optimizer steps (default: --epochs over the data)")
     epochs: float = arg(1.0, "passes over the training data, when --max-steps is not given")
     global_batch_size: int = arg(256, "samples per optimizer step over all processes (LLaVA stage 1: 256)")
@@ -178,7 +185,8 @@ class TrainConfig:
 
     def _check_ranges(self) -> None:
         at_least = {"max_steps": 1, "stop_at_step": 1, "eval_samples": 0, "synthetic_samples": 2, "max_length": 1,
-                    "num_workers": 0, "save_every": 0, "eval_every": 0, "keep_checkpoints": 1, "lora_rank": 1}
+                    "num_workers": 0, "save_every": 0, "eval_every": 0, "keep_checkpoints": 1, "lora_rank": 1,
+                    "regap_layer": 0, "regap_scale_steps": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:

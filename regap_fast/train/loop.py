@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..data import Collator
 from ..data.llava import TooManyBadRecords
+from ..gap_layer import TextNormScale, check_layer
 from ..model import VisionLanguageModel
 from . import report
 from .checkpoint import Counters, load_checkpoint, remove_step_folders, save_checkpoint
@@ -68,6 +69,7 @@ class Run:
     metrics: MetricsLogger
     facts: report.Facts
     folder: OutputFolder  # what this run wrote in out (rank 0 keeps the manifest)
+    scale: Optional[TextNormScale] = None  # --regap-scale text-norm
 
 
 def train(cfg: TrainConfig, plan: Optional[Plan] = None) -> dict:
@@ -145,13 +147,24 @@ def setup(plan: Plan, d: Dist, folder: OutputFolder) -> Run:
                          malformed_records=source.malformed, unreadable_held_out_records=unreadable)
     metrics = MetricsLogger(out, enabled=d.main, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard)
     run = Run(cfg, d, out, vlm, model, params, optimizer, scheduler, iter(loader), eval_loader, accum, total, start,
-              counters, amp, sdpa_ctx, metrics, facts, folder)
+              counters, amp, sdpa_ctx, metrics, facts, folder, regap_scale(cfg, vlm, total, counters))
     if d.main:
         report.log_plan(cfg, facts, total, d.world, accum)
     if counters.initial_eval is None and eval_loader is not None:
-        counters.initial_eval = evaluate(vlm, eval_loader, d, amp)
+        counters.initial_eval = evaluate(vlm, eval_loader, d, amp, cfg.regap_layer)
         metrics.log({"step": 0, **counters.initial_eval})
     return run
+
+
+def regap_scale(cfg: TrainConfig, vlm: VisionLanguageModel, total: int, counters: Counters) -> Optional[TextNormScale]:
+    """--regap-layer checked against the model; --regap-scale text-norm's estimator, restored when resuming."""
+    check_layer(cfg.regap_layer, vlm.language_model)
+    if cfg.regap_scale != "text-norm":
+        return None
+    scale = TextNormScale(cfg.regap_scale_steps or max(1, math.ceil(cfg.warmup_ratio * total)))
+    if counters.regap_scale is not None:
+        scale.load_state_dict(counters.regap_scale)
+    return scale
 
 
 def make_optimizer(params: list, cfg: TrainConfig, fused: bool, projector_params=()) -> torch.optim.Optimizer:
@@ -179,14 +192,15 @@ def make_scheduler(optimizer, cfg: TrainConfig, total: int):
 
 
 @torch.no_grad()
-def evaluate(vlm: VisionLanguageModel, loader: DataLoader, d: Dist, amp) -> dict:
-    """Held-out caption loss and gap (every rank computes the same numbers: no communication)."""
+def evaluate(vlm: VisionLanguageModel, loader: DataLoader, d: Dist, amp, layer: int = 0) -> dict:
+    """Held-out caption loss and gap (at ``layer``, as trained; unscaled), every rank computing the same numbers
+    (no communication)."""
     was_training = vlm.training
     vlm.eval()
     sums = torch.zeros(4, dtype=torch.float64)
     for batch in loader:
         with amp():
-            out = vlm(**model_inputs(batch, d.device), compute_gap=True)
+            out = vlm(**model_inputs(batch, d.device), compute_gap=True, regap_layer=layer)
         sums += torch.tensor([out["lm_loss_sum"].item(), out["num_tokens"].item(),
                               out["gap_sum"].item() if out["gap_sum"] is not None else 0.0,
                               out["num_gap_samples"].item() if out["num_gap_samples"] is not None else 0])
@@ -251,6 +265,8 @@ def train_step(run: Run, step: int) -> dict:
     counts = d.all_sum(sum(batch_counts(b) for b in micro))  # global: label tokens, gap samples, ...
     n_tok, n_gap = counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item()
     regap = cfg.regap_weight > 0
+    scale, alpha = run.scale, 1.0
+    estimating = regap and scale is not None and scale.frozen is None
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)  # on the device: no sync per micro-batch
     for i, b in enumerate(micro):
         # DDP all-reduces the gradients once, after the last micro-batch
@@ -258,11 +274,15 @@ def train_step(run: Run, step: int) -> dict:
         with (contextlib.nullcontext() if sync else run.model.no_sync()):
             with run.amp(), run.sdpa_ctx():
                 o = run.model(**model_inputs(b, d.device), regap_weight=cfg.regap_weight,
-                              regap_squared=cfg.regap_squared)
+                              regap_squared=cfg.regap_squared, regap_layer=cfg.regap_layer, caption_norms=estimating)
             loss = o["lm_loss_sum"] / n_tok
             has_gap = regap and o["gap_sum"] is not None  # None: no image in this micro-batch
             if has_gap:
-                loss = loss + cfg.regap_weight * o["gap_sum"] / n_gap
+                if scale is not None:  # warm-up: this micro-batch's caption tokens join the estimate first
+                    if estimating:
+                        scale.observe_sums(o["caption_norm_sum"].item(), int(o["caption_tokens"]))
+                    alpha = scale.alpha
+                loss = loss + cfg.regap_weight * alpha * o["gap_sum"] / n_gap
             # DDP averages gradients over processes; the loss is a global sum, so undo the average
             (loss * d.world).backward()
         sums[0] += o["lm_loss_sum"].detach()
@@ -273,6 +293,9 @@ def train_step(run: Run, step: int) -> dict:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     sums = d.all_sum(sums)
+    if scale is not None and regap:  # the step's norms summed over the ranks: one alpha everywhere from here on
+        scale.step()
+        run.counters.regap_scale = scale.state_dict()
     dt = time.perf_counter() - t0
     c = run.counters
     c.train_seconds += dt
@@ -280,7 +303,9 @@ def train_step(run: Run, step: int) -> dict:
     rec = {"step": step, "lm_loss": sums[0].item() / n_tok, "gap": sums[1].item() / n_gap if regap else None,
            "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": counts[2].item() / dt,
            "skipped": c.skipped, "seconds": c.train_seconds}
-    rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * rec["gap"] if regap else 0.0)
+    rec["loss"] = rec["lm_loss"] + (cfg.regap_weight * alpha * rec["gap"] if regap else 0.0)
+    if scale is not None:
+        rec["regap_alpha"] = alpha
     return rec
 
 
@@ -288,7 +313,7 @@ def measure(run: Run, step: int, rec: dict) -> dict:
     """The held-out loss and gap at this step (nothing when nothing is held out), logged on rank 0."""
     if run.eval_loader is None:
         return {}
-    held = evaluate(run.vlm, run.eval_loader, run.d, run.amp)
+    held = evaluate(run.vlm, run.eval_loader, run.d, run.amp, run.cfg.regap_layer)
     if run.d.main:
         report.log_measurement(step, run.total, rec, held)
     return held

@@ -24,7 +24,8 @@ log = logging.getLogger("regap_fast.train")
 # schedule and data order were made with them), whatever the command line says. The others (workers,
 # micro-batch, cadence of evaluation and checkpoints, output switches, paths) may change on resume.
 TRAJECTORY_FIELDS = ("arch", "stage", "recipe", "train_vision", "train_lm", "lora", "lora_rank", "lora_alpha",
-                     "lora_dropout", "regap_weight", "regap_squared", "max_steps", "epochs", "global_batch_size",
+                     "lora_dropout", "regap_weight", "regap_squared", "regap_layer", "regap_scale",
+                     "regap_scale_steps", "max_steps", "epochs", "global_batch_size",
                      "lr", "mm_projector_lr", "weight_decay", "warmup_ratio", "min_lr_ratio", "grad_clip", "seed",
                      "eval_samples", "synthetic_samples", "max_length", "prompt_format", "vision_feature_layer")
 

@@ -81,3 +81,26 @@ def test_compare_errors(tmp_path):
     (good / "gap.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):
         compare([good])
+
+
+def test_compare_on_mir(tmp_path):
+    """--gap-metric mir reads gap.json's MIR; a run measured without it is one clear error, and so is asking
+    for the L2 gap of a run measured with MIR alone."""
+    dirs = [write_run(tmp_path / f"r{i}", g, u) for i, (g, u) in enumerate(zip([1.0, 2.0, 3.0], [10, 30, 20]))]
+    for d, value in zip(dirs, [0.4, 0.9, 1.3]):
+        gap = json.loads((d / "gap.json").read_text())
+        gap["mir"] = {"value": value, "per_layer": []}
+        (d / "gap.json").write_text(json.dumps(gap))
+    result = compare(dirs, gap_metric="mir")
+    assert [r["gap"] for r in result["runs"]] == [0.4, 0.9, 1.3]
+    assert result["correlation"]["spearman"]["rho"] == pytest.approx(0.5)
+    assert "mir" in format_compare(result).splitlines()[0]
+    plain = write_run(tmp_path / "plain", 1.0, 10)
+    with pytest.raises(ValueError, match="has no MIR: measure it with `regap-fast gap MODEL ... --metric mir`"):
+        compare([dirs[0], plain], gap_metric="mir")
+    only_mir = tmp_path / "only"
+    only_mir.mkdir()
+    (only_mir / "gap.json").write_text(json.dumps({"n_pairs": 5, "mir": {"value": 1.0}}))
+    (only_mir / "safety.json").write_text((dirs[0] / "safety.json").read_text())
+    with pytest.raises(ValueError, match="has only MIR"):
+        compare([dirs[0], only_mir])

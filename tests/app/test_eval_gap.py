@@ -71,6 +71,28 @@ def _by_hand(h, where_image, where_caption):
             "pair_cosine_mean": torch.nn.functional.cosine_similarity(mu_i, mu_t).mean().item()}
 
 
+def test_mir_streams_the_pairs_again_for_the_outlier_rule(tiny_vlm, monkeypatch):
+    """A 0.5-sigma rule replaces rows in every layer: the CLI path takes the further passes (the same pairs
+    again), and its MIR is the published procedure's on the hidden states after each decoder layer."""
+    from helpers import published_mir
+
+    from regap_fast.eval import mir
+
+    monkeypatch.setattr(mir, "OUTLIER_SIGMAS", 0.5)
+    ims = images(5)
+    result = measure_gap(tiny_vlm, list(zip(ims, CAPTIONS)), batch_size=2, progress=False, metric="mir")
+    out = tiny_vlm.pair_embeddings(ims, CAPTIONS, output_hidden_states=True)
+    hidden = out["hidden_states"][1:]
+    image = [h[out["image_mask"]] for h in hidden]
+    caption = [h[out["caption_mask"]] for h in hidden]
+    expected, per_layer = published_mir(image, caption, sigmas=0.5)
+    m = result["mir"]
+    assert m["passes"] == 5 and all(r["image_outliers"] > 0 and r["caption_outliers"] > 0 for r in m["per_layer"])
+    assert m["value"] == pytest.approx(expected, rel=1e-5)
+    assert [r["frechet"] for r in m["per_layer"]] == pytest.approx(per_layer, rel=1e-5)
+    assert "gap" not in result and result["n_pairs"] == 5
+
+
 def test_per_layer_by_hand(tiny_vlm):
     ims = images(5)
     result = measure_gap(tiny_vlm, list(zip(ims, CAPTIONS)), batch_size=2, per_layer=True, progress=False)

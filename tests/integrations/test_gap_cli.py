@@ -11,7 +11,7 @@ from PIL import Image
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import gaps_float64  # noqa: E402
+from helpers import gaps_float64, published_mir  # noqa: E402
 from tiny_processors import CAPTION_IDS, PROCESSORS, WORDS, needs, save_folder  # noqa: E402
 from vlm_families import BY_NAME, IMAGE  # noqa: E402
 
@@ -36,8 +36,9 @@ def write_pairs(root):
     return root / "pairs.json"
 
 
-def gaps_by_hand(folder, name, root):
-    """Vanilla transformers on the folder, one pair at a time; the caption: the words after 'assistant'."""
+def gaps_by_hand(folder, name, root, rows=None):
+    """Vanilla transformers on the folder, one pair at a time; the caption: the words after 'assistant'.
+    ``rows``: a dict that receives the image and caption rows of the hidden states after every decoder layer."""
     processor = transformers.AutoProcessor.from_pretrained(folder)
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
     gaps = []
@@ -51,7 +52,7 @@ def gaps_by_hand(folder, name, root):
         hook = model.get_submodule(BY_NAME[name].lm).register_forward_pre_hook(
             lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
         with torch.no_grad():
-            model(**batch)
+            out = model(**batch, output_hidden_states=True)
         hook.remove()
         ids = batch["input_ids"]
         after_role = torch.arange(ids.shape[1]) > int((ids[0] == ASSISTANT).nonzero().max())
@@ -60,6 +61,11 @@ def gaps_by_hand(folder, name, root):
         g, valid = gaps_float64(seen[0], seen[0], ids == IMAGE, caption)
         assert valid.all()
         gaps.append(float(g[0]))
+        if rows is not None:
+            hidden = getattr(out, "hidden_states", None) or out.language_model_outputs.hidden_states
+            for layer, h in enumerate(hidden[1:]):
+                rows.setdefault("image", {}).setdefault(layer, []).append(h[0][ids[0] == IMAGE])
+                rows.setdefault("caption", {}).setdefault(layer, []).append(h[0][caption[0]])
     return gaps
 
 
@@ -80,6 +86,32 @@ def test_gap_of_a_transformers_folder_is_the_gap_at_its_llm_input(name, tmp_path
     layers = BY_NAME[name].build().config.text_config.num_hidden_layers
     assert result["n_pairs"] == len(CAPTIONS) and len(result["per_layer"]) == layers + 1
     assert result["gap"]["mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_mir_of_a_transformers_folder_is_the_published_procedure_on_its_hidden_states(name, tmp_path, capsys):
+    folder = save_folder(tmp_path / "model", name)
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "out"
+    assert main(["gap", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "3",
+                 "--no-progress", "--metric", "both"]) == 0
+    assert "MIR: " in capsys.readouterr().out
+    rows = {}
+    gaps_by_hand(folder, name, tmp_path / "data", rows)
+    layers = sorted(rows["image"])
+    expected, per_layer = published_mir([torch.cat(rows["image"][k]) for k in layers],
+                                        [torch.cat(rows["caption"][k]) for k in layers])
+    result = json.loads((out / "gap.json").read_text())
+    assert result["mir"]["value"] == pytest.approx(expected, rel=1e-5)
+    assert [r["frechet"] for r in result["mir"]["per_layer"]] == pytest.approx(per_layer, rel=1e-5)
+    assert [r["layer"] for r in result["mir"]["per_layer"]] == [k + 1 for k in layers]
+    assert "gap" in result and (out / "mir.png").is_file() and (out / "gap.png").is_file()
+    # MIR alone: no L2 numbers, the same MIR
+    assert main(["gap", str(folder), "--data", str(data), "--out", str(tmp_path / "mir"), "--metric", "mir",
+                 "--no-progress"]) == 0
+    alone = json.loads((tmp_path / "mir" / "gap.json").read_text())
+    assert "gap" not in alone and alone["mir"]["value"] == pytest.approx(result["mir"]["value"], rel=1e-6)
+    assert not (tmp_path / "mir" / "gap.png").exists()
 
 
 def test_a_processor_without_a_chat_template_is_one_clear_error(tmp_path, capsys):

@@ -53,6 +53,15 @@ def qwen2_vl_processor():
                             chat_template=CHAT.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
 
 
+def qwen2_5_vl_processor():
+    """Qwen2.5-VL's processor: Qwen2-VL's image and video processors, its own class."""
+    from transformers import Qwen2_5_VLProcessor
+
+    base = qwen2_vl_processor()
+    return Qwen2_5_VLProcessor(image_processor=base.image_processor, video_processor=base.video_processor,
+                               tokenizer=base.tokenizer, chat_template=base.chat_template)
+
+
 def llava_processor():
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
@@ -72,15 +81,90 @@ def gemma3_processor():
                            chat_template=CHAT.replace("IMAGE", "<start_of_image>"))
 
 
-PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor}
+def llava_next_processor():
+    """LLaVA-NeXT's any-resolution processor at the tiny model's sizes (16 x 16 tiles of 8 x 8 patches)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE})
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    return LlavaNextProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def idefics3_processor():
+    """Idefics3's processor, one 32 x 32 image without splitting: 4 tokens after the pixel shuffle."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
+                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                "global_image_token": "<global-img>"})
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                       max_image_size={"longest_edge": 32})
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                             chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def qwen3_vl_processor():
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    grid = dict(patch_size=4, temporal_patch_size=2, merge_size=2)
+    base = qwen2_vl_processor()
+    return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(**grid, min_pixels=16 * 16, max_pixels=16 * 16),
+                            video_processor=Qwen3VLVideoProcessor(**grid), tokenizer=base.tokenizer,
+                            chat_template=base.chat_template)
+
+
+def llava_onevision_processor():
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE, "<video>": VIDEO})
+    images = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
+                                             image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    return LlavaOnevisionProcessor(image_processor=images, video_processor=LlavaOnevisionVideoProcessor(),
+                                   tokenizer=tokenizer, num_image_tokens=4, vision_feature_select_strategy="full",
+                                   chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def internvl_processor():
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor, InternVLVideoProcessor
+
+    names = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tokenizer = word_tokenizer({"<IMG_CONTEXT>": IMAGE, "<img>": START, "</img>": END, "<video>": VIDEO}, names)
+    images = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16})
+    return InternVLProcessor(image_processor=images, video_processor=InternVLVideoProcessor(), tokenizer=tokenizer,
+                             image_seq_length=4, chat_template=CHAT.replace("IMAGE", "<IMG_CONTEXT>"))
+
+
+def mistral3_processor():
+    from transformers import PixtralImageProcessorPil, PixtralProcessor
+
+    names = {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}
+    tokenizer = word_tokenizer({"[IMG]": IMAGE, "[IMG_BREAK]": START, "[IMG_END]": END}, names)
+    return PixtralProcessor(image_processor=PixtralImageProcessorPil(patch_size=4, size={"longest_edge": 16}),
+                            tokenizer=tokenizer, patch_size=4, spatial_merge_size=2, image_token="[IMG]",
+                            image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
+                            chat_template=CHAT.replace("IMAGE", "[IMG]"))
+
+
+# SmolVLM's processor needs num2words, Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
+# its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
+PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
+              "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
+              "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
+              "InternVL": internvl_processor, "Mistral 3": mistral3_processor}
 
 
 def needs(name):
-    """Qwen2-VL's processor builds a video processor, which transformers makes with torchvision."""
+    """Processors with a video processor (Qwen-VL, LLaVA-OneVision, InternVL): transformers makes it with
+    torchvision."""
     import pytest
 
-    missing = name == "Qwen2-VL" and importlib.util.find_spec("torchvision") is None
-    return [pytest.mark.skipif(missing, reason="Qwen2VLProcessor needs torchvision (its video processor)")]
+    video = name.startswith("Qwen") or name in ("LLaVA-OneVision", "InternVL")  # video processors: torchvision
+    missing = video and importlib.util.find_spec("torchvision") is None
+    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)")]
 
 
 def save_folder(path: Path, family_name: str, seed: int = 0) -> Path:
