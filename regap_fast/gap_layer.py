@@ -55,12 +55,14 @@ class LayerOutput:
     def _record(self, module, args, output) -> None:
         self.seen.append(output[0] if isinstance(output, (tuple, list)) else output)
 
-    @torch.compiler.disable
+    # outside torch.compile's graph (dynamo does not run a hook registered while it traces); torch's own lazy
+    # form of torch.compiler.disable, which imports torch._dynamo (seconds) on the first call, not at import
+    @torch._disable_dynamo
     def __enter__(self) -> list:
         self.hook = self.block.register_forward_hook(self._record)
         return self.seen
 
-    @torch.compiler.disable
+    @torch._disable_dynamo
     def __exit__(self, *exc) -> None:
         self.hook.remove()
 

@@ -303,7 +303,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="the run's model/ folder"):
         load_model(tmp_path / "checkpoints" / "step-00000005")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="holds a transformers 'bert' model: this command reads regap_fast models"):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="unknown arch"):
         VisionLanguageModel.from_config(ModelConfig(arch="nope"))
