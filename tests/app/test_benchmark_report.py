@@ -34,8 +34,9 @@ def _gap_row(B, Ni, D, axis=None):
 
 def _report():
     def projector(D, times):
-        results = {name: {"time": _t(ms, launched_ms=ms + 0.05), "peak_mem_bytes": mem, "matmul_floor_fraction": 2.9 / ms,
-                          "time_vs_plain": ms / times[0][1], "peak_mem_vs_plain": mem / times[0][2]}
+        results = {name: {"time": _t(ms, launched_ms=ms + 0.05), "peak_mem_bytes": mem,
+                          "matmul_floor_fraction": 2.9 / ms, "time_vs_plain": ms / times[0][1],
+                          "peak_mem_vs_plain": mem / times[0][2]}
                    for name, ms, mem in times}
         shape = {"B": 32, "Ni": 576, "Dv": 1024, "D": D, "dtype": "bfloat16", "regap_weight": 0.1}
         return {"shape": shape, "results": results}
