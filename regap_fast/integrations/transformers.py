@@ -692,14 +692,15 @@ def _gap_sums(model: nn.Module, state: RegapState, seen: list, fast: bool,
     kwargs = dict(squared=state.squared, backend=state.backend)
     if inputs.segments is not None:
         gaps, valid = _segment_gaps(side, image_mask, caption, inputs.segments.to(side.device), **kwargs)
+        _check_found(model, state, image_mask, valid)
     else:
         valid = gap_samples(image_mask, caption)
+        _check_found(model, state, image_mask, valid)
         if fast:  # one mean per image from the projector; the caption side pooled from the embedding rows
             gaps = modality_gap(side, input_ids, image_mask, caption, reduction="none",
                                 embedding_weight=model.get_input_embeddings().weight, **kwargs)
         else:
             gaps = modality_gap(side, side, image_mask, caption, reduction="none", **kwargs)
-    _check_found(model, state, image_mask, valid)
     return gaps.sum(), valid.sum()
 
 
