@@ -99,7 +99,7 @@ def _llava_backward(dout: Tensor, dpooled: Optional[Tensor], x2d: Tensor, w1: Te
         if dpooled is not None:  # d pooled / d h[row] = W2 / n on the valid rows of each sample
             vec = join_hi_lo(mm_fp32(impl.mean_split(dpooled, counts, dtype), w2), B)
         dpre, db1 = impl.dgelu_backward(torch.mm(dout, w2), pre, mask_flat, rows_per_sample, vec, need_b1)
-        dw2 = db2 = _empty(w2)
+        dw2, db2 = _empty(w2), _empty(w2)  # distinct tensors: a custom op's outputs may not alias
         if need_w2:
             if dpooled is None:
                 dw2 = torch.mm(dout.t(), h)
@@ -208,7 +208,7 @@ def _linear_backward(dout: Tensor, dpooled: Optional[Tensor], x: Tensor, w: Tens
     need_x, need_w, need_b = needs
     B, n, k = x.shape
     dout2d, x2d, dtype = dout.reshape(B * n, -1), x.reshape(B * n, k), x.dtype
-    dx = dw = db = _empty(w)
+    dx, dw, db = _empty(w), _empty(w), _empty(w)  # distinct: a custom op's outputs may not alias
     with _no_autocast(x.device):
         if need_w:
             dw = (torch.mm(dout2d.t(), x2d) if dpooled is None  # else: the rank-B term, then the GEMM into it
