@@ -410,7 +410,7 @@ def _replicate_patched(self: nn.Module) -> nn.Module:
     replica = type(self)._replicate_for_data_parallel(self)
     replica._regap = copy.copy(self._regap)  # own flags per replica (they run in threads); same settings
     replica._regap.capturing = False
-    replica.forward = PatchedForward(replica, self._regap.inner_forward)
+    replica.forward = PatchedForward(replica, self._regap.inner_forward)  # bound to the replica
     replica._replicate_for_data_parallel = types.MethodType(_replicate_patched, replica)
     return replica
 
@@ -478,24 +478,36 @@ class PatchedForward:
     _regap_wrapper = True
 
     def __init__(self, model: nn.Module, inner: Callable):
-        self.__self__, self.__func__ = model, inner
-        self._names = list(inspect.signature(inner).parameters)[1:]  # positional order after self
+        self.__self__, self.inner = model, inner
+        # the unbound patched forward: accelerate and others rebind ``forward.__func__`` to wrap it
+        self.__func__ = _patched_function(inner)
         self.__signature__ = inspect.signature(types.MethodType(inner, model))
         functools.update_wrapper(self, inner, updated=())
         del self.__wrapped__  # the signature is the bound one above, not the function's (with self)
 
     def __call__(self, *args, **kwargs):
-        state = self.__self__.__dict__.get("_regap")
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return PatchedForward, (self.__self__, self.inner)
+
+
+def _patched_function(inner: Callable) -> Callable:
+    names = list(inspect.signature(inner).parameters)[1:]  # positional order after self
+
+    @functools.wraps(inner)
+    def forward(self, *args, **kwargs):
+        state: Optional[RegapState] = self.__dict__.get("_regap")
         if state is None:  # remove_regap ran while someone else's patch still calls us
-            return self.__func__(self.__self__, *args, **kwargs)
+            return inner(self, *args, **kwargs)
         state.active[0] += 1
         try:
-            return _regap_forward(self.__self__, state, self.__func__, self._names, *args, **kwargs)
+            return _regap_forward(self, state, inner, names, *args, **kwargs)
         finally:
             state.active[0] -= 1
 
-    def __reduce__(self):
-        return PatchedForward, (self.__self__, self.__func__)
+    forward._regap_wrapper = True
+    return forward
 
 
 def _regap_forward(self: nn.Module, state: RegapState, inner: Callable, names: list, *args, **kwargs):
