@@ -365,7 +365,8 @@ def test_regap_sft_trainer_gradient_accumulation_keeps_lambda(tmp_path):
     family = BY_NAME["LLaVA-1.5"]
     want = reference_regap_grads(family)
     for bs, ga in ((4, 1), (1, 4)):
-        # TRL's fused LM head runs in float32: the difference of two runs keeps its rounding (~1e-7 of the LM
-        # gradient, up to ~1e-4 of the REGAP part); the bug this catches was a factor of GA
-        assert_same_grads(regap_part(family, bs, ga, tmp_path / f"{bs}x{ga}", sft=True), want, f"SFT bs {bs} GA {ga}",
-                          rel=1e-3)
+        # TRL's fused LM head runs in float32: the difference of two runs keeps its rounding, so the whole
+        # gradient is compared (the bug this catches was a factor of GA)
+        got = regap_part(family, bs, ga, tmp_path / f"{bs}x{ga}", sft=True)
+        flat = [torch.cat([d[n].flatten() for n in want]) for d in (got, want)]
+        assert float((flat[0] - flat[1]).norm() / flat[1].norm()) <= 1e-3, f"SFT bs {bs} GA {ga}"
