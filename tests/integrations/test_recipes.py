@@ -366,3 +366,16 @@ def test_regap_sft_trainer_gradient_accumulation_keeps_lambda(tmp_path):
     want = reference_regap_grads(family)
     for bs, ga in ((4, 1), (1, 4)):
         assert_same_grads(regap_part(family, bs, ga, tmp_path / f"{bs}x{ga}", sft=True), want, f"SFT bs {bs} GA {ga}")
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_regap_gradient(tmp_path):
+    """2 processes (gloo, torchrun) x batch size 2 under the Trainer: the synced REGAP gradient is that of
+    lambda * the mean gap over all four samples, as in one process."""
+    from test_distributed import torchrun
+
+    ranks = torchrun("ga", tmp_path)
+    for name in GA_FAMILIES:
+        want = reference_regap_grads(BY_NAME[name])
+        for rank in (0, 1):
+            assert_same_grads(ranks[rank][name], want, f"{name} rank {rank}")
