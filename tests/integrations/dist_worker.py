@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from regap_fast.integrations.transformers import apply_regap
+from regap_fast.integrations.transformers import RegapCallback, apply_regap
 from vlm_families import BY_NAME, make_batch
 
 FAMILY_NAMES = ("LLaVA-1.5", "Qwen2.5-VL")
@@ -77,6 +77,7 @@ def deepspeed_step(stage: int, out_dir: str) -> dict:
                                  use_cpu=True, deepspeed=zero_config(stage))
         data = [make_batch(family, seed=s)[0] for s in (0, 1)]
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=lambda items: items[0])
+        RegapCallback.attach(trainer)
         trainer.train()
         results[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return results
