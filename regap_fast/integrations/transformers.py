@@ -403,16 +403,27 @@ def _wrap_outermost(model: nn.Module, state: RegapState) -> None:
     state.inner_forward = getattr(current, "__func__", None) or type(model).forward
     model.forward = PatchedForward(model, state.inner_forward)
     # DataParallel replicas copy the instance's attributes: they must run the patched forward on themselves
-    model._replicate_for_data_parallel = types.MethodType(_replicate_patched, model)
+    model._replicate_for_data_parallel = _PatchedReplicate(model)
 
 
-def _replicate_patched(self: nn.Module) -> nn.Module:
-    replica = type(self)._replicate_for_data_parallel(self)
-    replica._regap = copy.copy(self._regap)  # own flags per replica (they run in threads); same settings
-    replica._regap.capturing = False
-    replica.forward = PatchedForward(replica, self._regap.inner_forward)  # bound to the replica
-    replica._replicate_for_data_parallel = types.MethodType(_replicate_patched, replica)
-    return replica
+class _PatchedReplicate:
+    """A patched instance's ``_replicate_for_data_parallel`` (nn.DataParallel's per-device copy): the replica gets
+    its own state (its flags are its thread's) and a forward bound to itself. Pickles as itself."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> nn.Module:
+        model = self.model
+        replica = type(model)._replicate_for_data_parallel(model)
+        replica._regap = copy.copy(model._regap)  # same settings, own flags
+        replica._regap.capturing = False
+        replica.forward = PatchedForward(replica, model._regap.inner_forward)  # bound to the replica
+        replica._replicate_for_data_parallel = _PatchedReplicate(replica)
+        return replica
+
+    def __reduce__(self):
+        return _PatchedReplicate, (self.model,)
 
 
 def remove_regap(model: nn.Module) -> nn.Module:

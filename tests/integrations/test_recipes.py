@@ -379,3 +379,245 @@ def test_two_ranks_give_the_one_process_regap_gradient(tmp_path):
         want = reference_regap_grads(BY_NAME[name])
         for rank in (0, 1):
             assert_same_grads(ranks[rank][name], want, f"{name} rank {rank}")
+
+
+# --------------------------------------------------------------------------------------------------
+# every valid transformers input
+# --------------------------------------------------------------------------------------------------
+
+
+def patched_pair(name="LLaVA-1.5", weight=WEIGHT):
+    from regap_fast.integrations.transformers import apply_regap
+
+    family = BY_NAME[name]
+    model = family.build(seed=1)
+    vanilla = copy.deepcopy(model)
+    return family, apply_regap(model, regap_weight=weight), vanilla
+
+
+@pytest.mark.parametrize("name", ["LLaVA-1.5", "Qwen2-VL"])
+def test_a_batch_without_caption_tokens_adds_zero_counts_and_warns_once(name):
+    from regap_fast.core import RegapError
+    from regap_fast.integrations.transformers import EMPTY_BATCHES_LIMIT, regap_state
+
+    family, model, vanilla = patched_pair(name)
+    model.train(), vanilla.train()
+    batch, _, caption = make_batch(family)
+    only_eos = dict(batch, labels=torch.where(caption, -100, batch["labels"]))  # EOS labelled, no caption token
+    with pytest.warns(UserWarning, match="adds a zero REGAP term"):
+        out = model(**only_eos)
+    torch.testing.assert_close(out.loss, vanilla(**only_eos).loss)
+    assert float(out.regap_gap) == 0.0 and regap_state(model).empty_batches == 1
+    out.loss.backward()  # a graph to the end, as DDP needs
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")  # once per model
+        model(**only_eos)
+    assert float(model(**batch).regap_gap) > 0  # one batch with captions: the run is fine
+    for _ in range(EMPTY_BATCHES_LIMIT):
+        model(**only_eos)
+    _, fresh, _ = patched_pair(name)
+    fresh.train()
+    with pytest.raises(RegapError, match="no sample with image tokens has had a caption token"):
+        with pytest.warns(UserWarning):
+            for _ in range(EMPTY_BATCHES_LIMIT):
+                fresh(**only_eos)
+
+
+@pytest.mark.parametrize("name", ["LLaVA-1.5", "Qwen2-VL", "PaliGemma"])
+def test_labels_with_inputs_embeds_give_the_loss_of_input_ids(name):
+    family, model, _ = patched_pair(name)
+    batch, image_pos, _ = make_batch(family)
+    want = model(**batch)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    no_ids = dict({k: v for k, v in batch.items() if k != "input_ids"}, inputs_embeds=embeds)
+    torch.testing.assert_close(model(**no_ids).loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(**no_ids, image_mask=image_pos).loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_inputs_embeds_without_findable_placeholders_train_on_the_lm_loss_and_warn():
+    family, model, vanilla = patched_pair("Qwen2-VL")
+    batch, _, _ = make_batch(family)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    embeds = embeds + 0.0  # the placeholders' rows as the model finds them ...
+    with torch.no_grad():
+        model.get_input_embeddings().weight[BY_NAME["Qwen2-VL"].config().image_token_id] += 1  # ... no longer
+    no_ids = dict({k: v for k, v in batch.items() if k != "input_ids"}, inputs_embeds=embeds)
+    with pytest.warns(UserWarning, match="pass image_mask"):
+        try:
+            out = model(**no_ids)
+        except ValueError:  # the model itself cannot find them either
+            return
+    assert getattr(out, "regap_gap", None) is None
+
+
+def test_meta_device_init_then_to_empty():
+    from regap_fast.integrations.transformers import apply_regap
+
+    family = BY_NAME["Qwen2-VL"]
+    import transformers
+
+    with torch.device("meta"):
+        model = apply_regap(getattr(transformers, family.cls)(family.config()), regap_weight=WEIGHT)
+    model.to_empty(device="cpu")
+    reference = family.build(seed=1)
+    model.load_state_dict(reference.state_dict())
+    batch, _, _ = make_batch(family)
+    out = model(**batch)
+    assert out.regap_gap > 0
+    torch.testing.assert_close(out.loss, apply_regap(reference, regap_weight=WEIGHT)(**batch).loss)
+
+
+@pytest.mark.parametrize("name", ["LLaVA-1.5", "Qwen2-VL"])
+def test_torch_save_round_trip_keeps_regap(name, tmp_path):
+    from regap_fast.integrations.transformers import regap_state
+
+    family, model, _ = patched_pair(name)
+    batch, _, _ = make_batch(family)
+    # saved before any forward: transformers 5 installs unpicklable output-capturing hooks at the first one
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    want = model(**batch)
+    out = loaded(**batch)
+    assert regap_state(loaded) is not regap_state(model)
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.regap_gap, want.regap_gap)
+
+
+@pytest.mark.parametrize("name", ["LLaVA-1.5", "Qwen2-VL"])
+def test_data_parallel_replicas_run_the_patched_forward_on_themselves(name):
+    """What nn.DataParallel does per device (replicate), on the CPU: the replica's forward is its own."""
+    family, model, _ = patched_pair(name)
+    batch, _, _ = make_batch(family)
+    want = model(**batch)
+    replica = model._replicate_for_data_parallel()
+    assert replica.forward.__self__ is replica
+    out = replica(**batch)
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(out.regap_gap, want.regap_gap)
+
+
+# --------------------------------------------------------------------------------------------------
+# wrapped models
+# --------------------------------------------------------------------------------------------------
+
+
+def test_apply_regap_on_a_compiled_module_patches_the_module_inside():
+    from regap_fast.integrations.transformers import apply_regap, regap_state
+
+    family = BY_NAME["LLaVA-1.5"]
+    model = family.build(seed=1)
+    reference = apply_regap(copy.deepcopy(model), regap_weight=WEIGHT)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    assert apply_regap(compiled, regap_weight=WEIGHT) is compiled
+    assert regap_state(model) is not None and "_regap" not in compiled.__dict__
+    batch, _, _ = make_batch(family)
+    torch.testing.assert_close(compiled(**batch).loss, reference(**batch).loss, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_apply_regap_on_a_peft_model_over_a_patched_base_updates_it_once():
+    pytest.importorskip("peft")
+    from regap_fast.integrations.transformers import apply_regap, regap_state
+
+    family, model, vanilla = patched_pair()
+    peft_model = lora_lm(model, family)
+    apply_regap(peft_model, regap_weight=0.25)
+    assert regap_state(peft_model).weight == 0.25
+    assert [m for m in peft_model.modules() if "_regap" in m.__dict__] == [model]
+    batch, _, _ = make_batch(family)
+    out = peft_model(**batch)
+    torch.testing.assert_close(out.loss - out.lm_loss, 0.25 * out.regap_gap, rtol=1e-5, atol=1e-7)
+
+
+def test_apply_regap_through_ddp_patches_the_module(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from regap_fast.integrations.transformers import apply_regap, regap_state
+
+    family = BY_NAME["LLaVA-1.5"]
+    model = family.build(seed=1).train()
+    reference = apply_regap(copy.deepcopy(model), regap_weight=WEIGHT)
+    batch, _, _ = make_batch(family)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        ddp = apply_regap(DistributedDataParallel(model, find_unused_parameters=True), regap_weight=WEIGHT)
+        assert regap_state(model) is not None and "_regap" not in ddp.__dict__
+        out = ddp(**batch)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(out.loss, reference(**batch).loss)
+
+
+@pytest.mark.slow
+def test_plain_trl_sft_trainer_would_drop_the_gap_an_error_at_the_first_step(tmp_path):
+    pytest.importorskip("trl")
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from regap_fast.core import RegapError
+    from tiny_processors import word_tokenizer
+    from vlm_families import IMAGE
+
+    family, model, _ = patched_pair()
+    rows = datasets.Dataset.from_list([{k: v[0] for k, v in x.items()} for x in ga_items(family)])
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     use_cpu=True, save_strategy="no", disable_tqdm=True, bf16=False,
+                     dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    trainer = SFTTrainer(model=model.float(), args=args, train_dataset=rows.with_format("torch"),
+                         processing_class=word_tokenizer({"<image>": IMAGE}),
+                         data_collator=lambda rs: {k: v.float() if v.is_floating_point() else v for k, v in
+                                                   pad_collate([{k: v.unsqueeze(0) for k, v in r.items()}
+                                                                for r in rs]).items()})
+    with pytest.raises(RegapError, match="RegapSFTTrainer"):
+        trainer.train()
+
+
+# --------------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trainer_evaluate_logs_the_lm_loss_and_the_gap_beside_the_objective(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from regap_fast.integrations.transformers import RegapCallback
+
+    family, model, vanilla = patched_pair()
+    items = [{k: v.float() if v.is_floating_point() else v for k, v in x.items()} for x in ga_items(family)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=items, data_collator=pad_collate)
+    RegapCallback.attach(trainer)
+    metrics = trainer.evaluate()
+    lm = [float(vanilla(**pad_collate(items[i:i + 2])).loss) for i in (0, 2)]
+    assert metrics["eval_lm_loss"] == pytest.approx(sum(lm) / 2, rel=1e-5)
+    assert metrics["eval_regap_gap"] > 0
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_lm_loss"] + WEIGHT * metrics["eval_regap_gap"],
+                                                 rel=1e-5)
+
+
+def test_packed_layouts_regap_cannot_delimit_are_one_line_errors():
+    from regap_fast.core import RegapError
+
+    family, model, _ = patched_pair()
+    batch, _, _ = make_batch(family)
+    with pytest.raises(RegapError, match="cu_seq_lens_q delimits the samples of one packed row"):
+        model(**batch, cu_seq_lens_q=torch.tensor([0, 5, 9]))
+    with pytest.raises(RegapError, match="position_ids .* do not match input_ids"):
+        model(**batch, position_ids=torch.arange(batch["input_ids"].shape[1] - 1).expand(3, -1))
+
+
+def test_cu_seq_lens_delimit_a_packed_row_like_restarting_position_ids():
+    from regap_fast.integrations.transformers import _segments
+
+    packed = pack(BY_NAME["LLaVA-1.5"], make_batch(BY_NAME["LLaVA-1.5"])[0])
+    pos = packed["position_ids"]
+    starts = torch.nonzero(pos[0] == 0).flatten()
+    cu = torch.cat([starts, torch.tensor([pos.shape[1]])])
+    by_cu = _segments({"cu_seq_lens_q": cu}, pos.shape)
+    assert torch.equal(by_cu, _segments({"position_ids": pos}, pos.shape))
+    assert by_cu.max() == 2
