@@ -35,7 +35,7 @@ import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -532,10 +532,12 @@ def _regap_forward(self: nn.Module, state: RegapState, inner: Callable, names: l
         return inner(self, *args, **kwargs)
     fast = _fast_path_applies(self, state, named, inputs)
     state.capturing = True
+    capture = _PooledOutputs(self.get_submodule(state.projector_path)) if fast else LanguageModelInputs(self)
+    seen = capture.__enter__()  # called, not `with`: torch.compile breaks the graph on a user context manager
     try:
-        with _PooledOutputs(self.get_submodule(state.projector_path)) if fast else LanguageModelInputs(self) as seen:
-            out = inner(self, *args, **kwargs)
+        out = inner(self, *args, **kwargs)
     finally:
+        capture.__exit__(None, None, None)
         state.capturing = False
     sums, count = _gap_sums(self, state, seen, fast, inputs)
     gap = sums / count.clamp(min=1)
@@ -561,8 +563,7 @@ def _computes_regap(state: RegapState, named: dict) -> bool:
     return state.weight > 0 and named.get("labels") is not None and any(_present(named.get(k)) for k in visual)
 
 
-@dataclass
-class _RegapInputs:
+class _RegapInputs(NamedTuple):  # a tuple: torch.compile traces it without a graph break
     """Where REGAP looks in one batch: the token ids (labels stand in for them beside inputs_embeds), the image
     and caption tokens and, for packed rows, the sample of each token."""
 
@@ -761,6 +762,8 @@ def _check_found(model: nn.Module, state: RegapState, image_mask: Tensor, valid:
     """A batch with images must show them at placeholders (else a RegapError, never a silent zero gap). A batch
     whose samples with images have no caption token adds a zero term, counted; a run of nothing but such batches
     is a RegapError after EMPTY_BATCHES_LIMIT training forwards."""
+    if torch.compiler.is_compiling():  # the checks read values: eager only, a compiled graph would break on them
+        return
     found = torch.stack([image_mask.any(), valid.any()])
     has_images, has_pairs = found.tolist()  # one host sync
     if not has_images:
