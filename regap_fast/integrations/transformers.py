@@ -23,6 +23,13 @@ around the *same* ``nn.Linear`` modules (same parameters and state-dict keys, so
 writes a vanilla checkpoint), which hands REGAP the pooled image side from its GEMM epilogue; the
 caption side is pooled from the token ids. Same loss and gradients as the generic path.
 
+When a wrapper (PEFT's LoRA or ``modules_to_save``) sits on the fused projector or its layers, that forward
+takes the generic path, which sees what the adapters computed.
+
+lambda is the weight of the mean per-sample gap over the effective batch (every micro-batch of an optimizer
+step, every rank): ``weigh_step`` sets a step's sample count; ``RegapCallback.attach(trainer)`` and
+``RegapSFTTrainer`` call it for the Trainer. A forward on its own adds lambda x its batch's mean gap.
+
 Only the patched instance changes. A forward without labels, without images or with weight 0 calls the
 wrapped forward untouched (bitwise vanilla).
 """
