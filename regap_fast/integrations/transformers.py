@@ -606,9 +606,10 @@ def _regap_inputs(model: nn.Module, state: RegapState, named: dict, given: dict)
 
 def _placeholder_positions(model: nn.Module, state: RegapState, embeds: Tensor) -> Optional[Tensor]:
     """[B, N] bool: where ``embeds`` holds an image placeholder's embedding (as the model finds them), or None."""
-    with torch.no_grad():
-        rows = model.get_input_embeddings()(state.image_ids.to(embeds.device))
-        mask = (embeds.unsqueeze(2) == rows.to(embeds.dtype)).all(-1).any(-1)
+    table = model.get_input_embeddings()
+    with torch.no_grad():  # the table may sit elsewhere than a batch not yet moved (the Trainer's step count)
+        rows = table(state.image_ids.to(table.weight.device)).to(embeds.device, embeds.dtype)
+        mask = (embeds.unsqueeze(2) == rows).all(-1).any(-1)
     return mask if bool(mask.any()) else None
 
 
