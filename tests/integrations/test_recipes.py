@@ -9,7 +9,6 @@ lambda under gradient accumulation (Trainer, RegapSFTTrainer) and the PEFT recip
 from __future__ import annotations
 
 import copy
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm_families import BY_NAME, DOCS, make_batch  # noqa: E402
+from vlm_families import with_table as with_docs_table  # noqa: E402
 
 WEIGHT = 0.5
 MATRIX_FAMILIES = ("LLaVA-1.5", "Qwen2-VL", "Qwen2.5-VL", "Gemma 3", "Idefics3", "BLIP-2")
@@ -226,10 +226,7 @@ def docs_table() -> str:
 
 
 def with_table(text: str) -> str:
-    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{DOCS} has no {TABLE_START} ... {TABLE_END} markers")
-    return pattern.sub(lambda _: f"{TABLE_START}\n{docs_table()}\n{TABLE_END}", text)
+    return with_docs_table(text, docs_table(), TABLE_START, TABLE_END)
 
 
 def test_the_docs_recipe_table_is_generated_from_this_matrix():
