@@ -70,8 +70,9 @@ def image_owners(image_mask: Tensor, num_images: int) -> Tensor:
     per_sample = image_mask.sum(1)
     total = per_sample.sum()
     slots = (total // max(num_images, 1)).clamp(min=1)
-    # one host sync per step for the check; repeat_interleave is told its size, so it adds none
-    if bool((total != slots * num_images) | (per_sample % slots).any()):
+    # one host sync per step for the check (eager only: a compiled graph would break on it); repeat_interleave is
+    # told its size, so it adds none
+    if not torch.compiler.is_compiling() and bool((total != slots * num_images) | (per_sample % slots).any()):
         raise RegapError(f"{num_images} images, but the samples hold {per_sample.tolist()} image tokens: cannot tell "
                          "which sample each image belongs to (every image must fill the same number of image tokens)")
     return torch.repeat_interleave(torch.arange(len(per_sample), device=image_mask.device), per_sample // slots,
@@ -116,7 +117,7 @@ def _image_means(image: Tensor, image_mask: Optional[Tensor], backend: str) -> t
     owners = image_owners(image_mask.to(image.device), image.shape[0])
     batch = image_mask.shape[0]
     sums = image.new_zeros(batch, image.shape[1]).index_add(0, owners, image)
-    images = torch.bincount(owners, minlength=batch)
+    images = torch.zeros(batch, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
     return sums / images.clamp(min=1).unsqueeze(1).to(sums), images > 0
 
 

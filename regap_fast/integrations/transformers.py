@@ -23,6 +23,13 @@ around the *same* ``nn.Linear`` modules (same parameters and state-dict keys, so
 writes a vanilla checkpoint), which hands REGAP the pooled image side from its GEMM epilogue; the
 caption side is pooled from the token ids. Same loss and gradients as the generic path.
 
+When a wrapper (PEFT's LoRA or ``modules_to_save``) sits on the fused projector or its layers, that forward
+takes the generic path, which sees what the adapters computed.
+
+lambda is the weight of the mean per-sample gap over the effective batch (every micro-batch of an optimizer
+step, every rank): ``weigh_step`` sets a step's sample count; ``RegapCallback.attach(trainer)`` and
+``RegapSFTTrainer`` call it for the Trainer. A forward on its own adds lambda x its batch's mean gap.
+
 Only the patched instance changes. A forward without labels, without images or with weight 0 calls the
 wrapped forward untouched (bitwise vanilla).
 """
@@ -35,15 +42,15 @@ import inspect
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 from transformers import TrainerCallback
 
-from ..constants import IGNORE_INDEX
 from ..core import RegapError, caption_mask, check_labels, gap_samples, modality_gap
 from ..gap_layer import SCALES, LayerOutput, TextNormScale, check_layer
+from ..ops import gap_from_means
 from ..projector import FusedLinearProjector, FusedLlavaProjector
 
 # the fast path: model class -> (kind of projector, where it may sit: transformers 5 nests LLaVA's under .model)
@@ -144,6 +151,12 @@ class RegapState:
     last_regap_term: Optional[Tensor] = field(default=None, repr=False)  # for trainers that build their own loss
     gap_sum: Optional[Tensor] = field(default=None, repr=False)  # detached, since the last log
     gap_steps: int = 0
+    step_weight: Optional[float] = None  # per-sample weight of the optimizer step in progress (see weigh_step)
+    adds_term: bool = False  # a trainer adds last_regap_term to a loss of its own (RegapSFTTrainer)
+    active: list = field(default_factory=lambda: [0])  # patched forwards running (shared with DataParallel replicas)
+    pair_batches: int = 0  # training forwards with a sample that has image and caption tokens
+    empty_batches: int = 0  # training forwards whose samples with images have no caption token
+    eval_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # eval: samples, lm_loss x samples, gap x samples
     layer: int = 0  # where the gap is taken: 0 the LLM input, k >= 1 after decoder layer k (regap_fast.gap_layer)
     scale: Optional[TextNormScale] = None  # --regap-scale text-norm: the gap times a warm-up-frozen alpha
 
@@ -159,17 +172,41 @@ class RegapState:
         self.gap_sum = g if self.gap_sum is None else self.gap_sum + g
         self.gap_steps += 1
 
+    def record_eval(self, lm_loss: Tensor, gap: Tensor, samples: int) -> None:
+        """Eval forwards, weighted by their batch size as the Trainer weighs its eval_loss."""
+        sums = self.eval_sums
+        sums[0] += samples
+        sums[1] += samples * float(lm_loss.detach().float().mean())
+        sums[2] += samples * float(gap.detach().float())
+
+    def pop_eval(self) -> Optional[tuple[float, float]]:
+        """(mean lm_loss, mean gap) of the eval forwards since the last call (averaged over ranks)."""
+        total = _all_ranks_sum(torch.tensor(self.eval_sums, dtype=torch.float64))
+        self.eval_sums = [0.0, 0.0, 0.0]
+        return None if total[0] == 0 else (float(total[1] / total[0]), float(total[2] / total[0]))
+
     def pop_mean(self) -> Optional[float]:
         """Mean gap of the forwards since the last call (averaged over ranks under torch.distributed)."""
         total = torch.tensor([0.0, 0.0]) if self.gap_sum is None else \
-            torch.stack([self.gap_sum, self.gap_sum.new_tensor(float(self.gap_steps))])
+            torch.stack([self.gap_sum.cpu(), torch.tensor(float(self.gap_steps))])
         self.gap_sum, self.gap_steps = None, 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            if torch.distributed.get_backend() == "nccl":
-                total = total.cuda()
-            torch.distributed.all_reduce(total)
+        total = _all_ranks_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _all_ranks_sum(total: Tensor) -> Tensor:
+    """``total`` summed over the ranks under torch.distributed (itself otherwise), on the CPU."""
+    if not _distributed():
+        return total
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = total.to(device)
+    torch.distributed.all_reduce(total)
+    return total.cpu()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +350,11 @@ def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = 
     ``scale_warmup_steps`` optimizer steps (``RegapCallback`` counts them and saves alpha with each Trainer
     checkpoint; in a loop of your own call ``regap_state(model).scale.step()`` after each optimizer step and
     keep ``.scale.state_dict()``). Applying again updates every setting (and restarts the alpha estimate).
+
+    ``model`` may be wrapped (torch.compile, DDP, FSDP, a PEFT model): the transformers model inside is patched,
+    once, and the wrapper returned.
     """
+    wrapper, model = model, _unwrapped(model)
     if isinstance(regap_weight, bool) or not isinstance(regap_weight, (int, float)) or regap_weight < 0:
         raise RegapError(f"regap_weight must be a number >= 0, got {regap_weight!r}")
     from ..backends import BACKENDS
@@ -327,8 +368,9 @@ def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = 
         raise RegapError("scale='text-norm' needs scale_warmup_steps (the optimizer steps alpha is estimated over)")
     settings = dict(layer=layer, scale=TextNormScale(scale_warmup_steps) if scale == "text-norm" else None,
                     weight=float(regap_weight), squared=squared, backend=backend, include_video=include_video,
-                    special_ids=torch.tensor(special_ids_of(model, special_token_ids), dtype=torch.long),
-                    image_ids=torch.tensor(placeholder_ids(model, include_video), dtype=torch.long))
+                    # on the CPU even under torch.device("meta") (meta-device init, then to_empty): moved where needed
+                    special_ids=torch.tensor(special_ids_of(model, special_token_ids), dtype=torch.long, device="cpu"),
+                    image_ids=torch.tensor(placeholder_ids(model, include_video), dtype=torch.long, device="cpu"))
     state: Optional[RegapState] = model.__dict__.get("_regap")
     if state is None:
         state = model._regap = RegapState(**settings)
@@ -336,7 +378,42 @@ def apply_regap(model: nn.Module, regap_weight: float = 0.1, *, squared: bool = 
         state.__dict__.update(settings)
     _choose_projector(model, state, fuse_projector)
     _wrap_outermost(model, state)
-    return model
+    _guard_backbone(model, state)
+    return wrapper
+
+
+class _BackboneGuard:
+    """Forward pre-hook on the backbone: a training forward that runs it with images but not the patched forward
+    (TRL's SFTTrainer calls the backbone and its own fused LM head) would train without REGAP: a RegapError.
+    An object holding the state, so that deep copies and pickles of the model guard their own state."""
+
+    def __init__(self, state: RegapState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs):
+        state = self.state
+        if module.training and state.weight > 0 and not state.active[0] and _present(kwargs.get("pixel_values")):
+            raise RegapError("this training forward bypasses the patched model's forward (TRL's SFTTrainer computes "
+                             "its loss from the backbone), so REGAP would be dropped: use "
+                             "regap_fast.integrations.trl.RegapSFTTrainer")
+
+
+def _backbone(model: nn.Module) -> Optional[nn.Module]:
+    backbone = getattr(model, "base_model", model)
+    return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
+
+
+def _guard_backbone(model: nn.Module, state: RegapState, on: bool = True) -> None:
+    """Install (``on``) or remove the backbone's _BackboneGuard."""
+    backbone = _backbone(model)
+    if backbone is None:
+        return
+    hooks = backbone._forward_pre_hooks
+    for key in [k for k, h in hooks.items() if isinstance(h, _BackboneGuard)]:
+        del hooks[key]
+        backbone._forward_pre_hooks_with_kwargs.pop(key, None)
+    if on:
+        backbone.register_forward_pre_hook(_BackboneGuard(state), with_kwargs=True)
 
 
 def _wrap_outermost(model: nn.Module, state: RegapState) -> None:
@@ -345,17 +422,42 @@ def _wrap_outermost(model: nn.Module, state: RegapState) -> None:
     current = model.__dict__.get("forward")
     if getattr(current, "_regap_wrapper", False):
         return
-    state.inner_forward = current.__func__ if isinstance(current, types.MethodType) else type(model).forward
-    model.forward = types.MethodType(_wrap_forward(state.inner_forward), model)
+    state.inner_forward = getattr(current, "__func__", None) or type(model).forward
+    model.forward = PatchedForward(model, state.inner_forward)
+    # DataParallel replicas copy the instance's attributes: they must run the patched forward on themselves
+    model._replicate_for_data_parallel = _PatchedReplicate(model)
+
+
+class _PatchedReplicate:
+    """A patched instance's ``_replicate_for_data_parallel`` (nn.DataParallel's per-device copy): the replica gets
+    its own state (its flags are its thread's) and a forward bound to itself. Pickles as itself."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self) -> nn.Module:
+        model = self.model
+        replica = type(model)._replicate_for_data_parallel(model)
+        replica._regap = copy.copy(model._regap)  # same settings, own flags
+        replica._regap.capturing = False
+        replica.forward = PatchedForward(replica, model._regap.inner_forward)  # bound to the replica
+        replica._replicate_for_data_parallel = _PatchedReplicate(replica)
+        return replica
+
+    def __reduce__(self):
+        return _PatchedReplicate, (self.model,)
 
 
 def remove_regap(model: nn.Module) -> nn.Module:
     """Undo ``apply_regap``: the original projector module (with the current weights) and forward."""
+    model = _unwrapped(model)
     state: Optional[RegapState] = model.__dict__.pop("_regap", None)
     if state is None:
         raise RegapError("remove_regap: this model was not patched by apply_regap")
     if state.fused is not None:
         _restore_projector(model, state)
+    model.__dict__.pop("_replicate_for_data_parallel", None)
+    _guard_backbone(model, state, on=False)
     if state.inner_forward is type(model).forward:
         del model.forward
     else:
@@ -377,42 +479,102 @@ def regap_state(model: nn.Module) -> Optional[RegapState]:
     return None if m is None else m._regap
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside the wrappers users put around it: torch.compile's OptimizedModule,
+    DataParallel / DistributedDataParallel / FSDP(1) (``.module``), a PEFT model (its base model)."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DataParallel", "DistributedDataParallel", "FullyShardedDataParallel") \
+                and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:
+            model = model.get_base_model()  # peft.PeftModel -> the LoraModel's model, the transformers model
+        else:
+            return model
+
+
 # --------------------------------------------------------------------------------------------------
 # the patched forward
 # --------------------------------------------------------------------------------------------------
 
 
-def _wrap_forward(inner: Callable) -> Callable:
+class PatchedForward:
+    """A patched instance's ``forward``: the REGAP forward bound to ``model``.
+
+    An object rather than a bound method so that ``torch.save(model)`` / pickle brings the patch back
+    (a bound method pickles as ``getattr(model, "forward")``, which loads as the class's forward) and
+    DataParallel replicas can be bound to themselves. Trainer, TRL and ``generate`` read its signature:
+    the wrapped forward's.
+    """
+
+    _regap_wrapper = True
+
+    def __init__(self, model: nn.Module, inner: Callable):
+        self.__self__, self.inner = model, inner
+        # the unbound patched forward: accelerate and others rebind ``forward.__func__`` to wrap it
+        self.__func__ = _patched_function(inner)
+        self.__signature__ = inspect.signature(types.MethodType(inner, model))
+        functools.update_wrapper(self, inner, updated=())
+        del self.__wrapped__  # the signature is the bound one above, not the function's (with self)
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return PatchedForward, (self.__self__, self.inner)
+
+
+def _patched_function(inner: Callable) -> Callable:
     names = list(inspect.signature(inner).parameters)[1:]  # positional order after self
 
-    @functools.wraps(inner)  # Trainer and TRL read the signature to keep batch columns
+    @functools.wraps(inner)
     def forward(self, *args, **kwargs):
         state: Optional[RegapState] = self.__dict__.get("_regap")
         if state is None:  # remove_regap ran while someone else's patch still calls us
             return inner(self, *args, **kwargs)
-        given_caption = kwargs.pop("caption_mask", None)  # a batch may spell its caption tokens out
-        named = dict(zip(names, args), **kwargs)
-        # an outer REGAP wrapper (applied again on top of someone else's patch) already collects this forward
-        if state.capturing or not _computes_regap(state, named):
-            return inner(self, *args, **kwargs)
-        input_ids, labels = _ids_and_labels(named)
-        fast = _fast_path_applies(state, named)
-        state.capturing = True
+        state.active[0] += 1
         try:
-            with _PooledOutputs(state.fused) if fast else _gap_side(self, state) as seen:
-                out = inner(self, *args, **kwargs)
+            return _regap_forward(self, state, inner, names, *args, **kwargs)
         finally:
-            state.capturing = False
-        gap = _batch_gap(self, state, seen, fast, input_ids, labels, given_caption)
-        if state.scale is not None:
-            gap = _scaled(self, state, gap, seen[0], fast, input_ids, labels, given_caption)
-        if self.training:
-            state.record(gap)
-        state.last_regap_term = state.weight * gap * _loss_share(labels, named.get("num_items_in_batch"))
-        return _with_gap(out, gap, state.last_regap_term)
+            state.active[0] -= 1
 
     forward._regap_wrapper = True
     return forward
+
+
+def _regap_forward(self: nn.Module, state: RegapState, inner: Callable, names: list, *args, **kwargs):
+    given = {k: kwargs.pop(k) for k in ("caption_mask", "image_mask") if k in kwargs}  # never reach the model
+    named = dict(zip(names, args), **kwargs)
+    # an outer REGAP wrapper (applied again on top of someone else's patch) already collects this forward
+    if state.capturing or not _computes_regap(state, named):
+        return inner(self, *args, **kwargs)
+    inputs = _regap_inputs(self, state, named, given)
+    if inputs is None:  # inputs_embeds without image_mask and no placeholder embedding found: warned once
+        return inner(self, *args, **kwargs)
+    fast = _fast_path_applies(self, state, named, inputs)
+    state.capturing = True
+    capture = _PooledOutputs(self.get_submodule(state.projector_path)) if fast else _gap_side(self, state)
+    seen = capture.__enter__()  # called, not `with`: torch.compile breaks the graph on a user context manager
+    try:
+        out = inner(self, *args, **kwargs)
+    finally:
+        capture.__exit__(None, None, None)
+        state.capturing = False
+    sums, count = _gap_sums(self, state, seen, fast, inputs)
+    if state.scale is not None:
+        sums = sums * _text_norm_alpha(self, state, seen[0], fast, inputs)
+    gap = sums / count.clamp(min=1)
+    if self.training:
+        state.record(gap)
+    elif out_loss(out) is not None:
+        state.record_eval(out_loss(out), gap, inputs.input_ids.shape[0])
+    state.last_regap_term = _regap_term(self, state, sums, gap, named)
+    return _with_gap(out, gap, state.last_regap_term)
+
+
+def out_loss(out) -> Optional[Tensor]:
+    return out[0] if isinstance(out, tuple) else out.loss
 
 
 def _present(value) -> bool:
@@ -425,19 +587,98 @@ def _computes_regap(state: RegapState, named: dict) -> bool:
     return state.weight > 0 and named.get("labels") is not None and any(_present(named.get(k)) for k in visual)
 
 
-def _ids_and_labels(named: dict) -> tuple[Tensor, Tensor]:
+class _RegapInputs(NamedTuple):  # a tuple: torch.compile traces it without a graph break
+    """Where REGAP looks in one batch: the token ids (labels stand in for them beside inputs_embeds), the image
+    and caption tokens and, for packed rows, the sample of each token."""
+
+    input_ids: Tensor
+    image_mask: Optional[Tensor]  # None: the placeholders in input_ids
+    caption: Tensor
+    segments: Optional[Tensor]  # [B, N] sample index over the batch, or None: one sample per row
+    from_ids: bool  # input_ids were given (the fused projector pools the caption from them)
+
+
+def _regap_inputs(model: nn.Module, state: RegapState, named: dict, given: dict) -> Optional[_RegapInputs]:
     input_ids, labels = named.get("input_ids"), named["labels"]
-    if input_ids is None:
-        raise RegapError("REGAP needs input_ids with the labels (to find the image and caption tokens); "
-                         "this batch has inputs_embeds only")
+    image_mask = given.get("image_mask")
+    from_ids = input_ids is not None
+    if not from_ids:  # inputs_embeds: the labelled tokens' ids are their labels
+        embeds = named.get("inputs_embeds")
+        check_labels(embeds[..., 0] if isinstance(embeds, Tensor) else labels, labels)
+        input_ids = labels.clamp(min=0)
+        if image_mask is None:
+            image_mask = _placeholder_positions(model, state, embeds)
+            if image_mask is None:
+                _warn_once(state, "embeds", "REGAP: labels with inputs_embeds whose image placeholders cannot be "
+                                            "found: pass image_mask (bool, like the labels); this batch trains on the "
+                                            "LM loss alone")
+                return None
     check_labels(input_ids, labels)
-    return input_ids, labels
+    if image_mask is not None and (not isinstance(image_mask, Tensor) or image_mask.dtype != torch.bool
+                                   or image_mask.shape != input_ids.shape):
+        raise RegapError(f"image_mask must be a bool tensor shaped like the labels {tuple(input_ids.shape)}")
+    caption = _caption(state, input_ids, labels, given.get("caption_mask"))
+    return _RegapInputs(input_ids, image_mask, caption, _segments(named, input_ids.shape), from_ids)
 
 
-def _fast_path_applies(state: RegapState, named: dict) -> bool:
-    """The fused projector's pooled output is the image side when it runs on whole images, in this forward."""
-    return (state.fused is not None and state.layer == 0 and named.get("image_sizes") is None
-            and named.get("mm_encoder_outputs") is None)
+def _placeholder_positions(model: nn.Module, state: RegapState, embeds: Tensor) -> Optional[Tensor]:
+    """[B, N] bool: where ``embeds`` holds an image placeholder's embedding (as the model finds them), or None."""
+    table = model.get_input_embeddings()
+    with torch.no_grad():  # the table may sit elsewhere than a batch not yet moved (the Trainer's step count)
+        rows = table(state.image_ids.to(table.weight.device)).to(embeds.device, embeds.dtype)
+        mask = (embeds.unsqueeze(2) == rows).all(-1).any(-1)
+    return mask if bool(mask.any()) else None
+
+
+def _warn_once(state: RegapState, key: str, message: str) -> None:
+    warned = state.__dict__.setdefault("_warned", set())
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+def _segments(named: dict, shape: torch.Size) -> Optional[Tensor]:
+    """[B, N]: the packed sample of each token, numbered over the batch; None when each row is one sample.
+
+    Samples start where ``position_ids`` (the text positions: row 0 of multimodal RoPE positions) restart at 0,
+    or at ``cu_seq_lens_q`` (FlashAttention's padding-free layout, one row).
+    """
+    cu, pos = named.get("cu_seq_lens_q"), named.get("position_ids")
+    if isinstance(cu, Tensor):
+        if shape[0] != 1:
+            raise RegapError(f"cu_seq_lens_q delimits the samples of one packed row, but this batch has {shape[0]} "
+                             "rows: pack into one row, or pass position_ids that restart at 0 for each sample")
+        starts = torch.zeros(shape, dtype=torch.bool, device=cu.device)
+        starts[0, cu[:-1].long().clamp(max=shape[1] - 1)] = True
+    elif isinstance(pos, Tensor):
+        text = pos if pos.dim() == 2 else pos[0]
+        if tuple(text.shape) != tuple(shape):
+            raise RegapError(f"position_ids {tuple(pos.shape)} do not match input_ids {tuple(shape)}: REGAP cannot "
+                             "tell where packed samples start")
+        starts = text == 0
+    else:
+        return None
+    starts = starts.clone()
+    starts[:, 0] = True
+    if not bool(starts[:, 1:].any()):  # one host sync, in forwards given position_ids only
+        return None
+    return (starts.flatten().long().cumsum(0) - 1).view(shape)
+
+
+def _fast_path_applies(model: nn.Module, state: RegapState, named: dict, inputs: _RegapInputs) -> bool:
+    """The fused projector's pooled output is the image side when it runs on whole images, unwrapped, in this
+    forward. A wrapper around it (PEFT's LoRA or modules_to_save) or around its layers changes what it computes:
+    the generic path then reads the LLM's input instead, which the adapters have reached."""
+    if (state.fused is None or state.layer != 0 or not inputs.from_ids or inputs.segments is not None
+            or inputs.image_mask is not None):
+        return False
+    if named.get("image_sizes") is not None or named.get("mm_encoder_outputs") is not None:
+        return False
+    projector = _get(model, state.projector_path)
+    if not isinstance(projector, _PooledCapture):
+        return False
+    layers = [projector] if isinstance(projector, FusedLinearProjector) else [projector.linear_1, projector.linear_2]
+    return all(type(m) in (nn.Linear, _CapturingLinearProjector) for m in layers)
 
 
 class LanguageModelInputs:
@@ -448,14 +689,16 @@ class LanguageModelInputs:
     """
 
     def __init__(self, model: nn.Module):
-        self.model, self.seen, self.hook = model, [], None
+        self.model, self.seen, self.hook, self.decoder = model, [], None, None
 
     def _record(self, module, args, kwargs) -> None:
-        self.seen.append(kwargs.get("inputs_embeds"))
+        if module is self.decoder:  # DataParallel replicas share their hook dicts with the original
+            self.seen.append(kwargs.get("inputs_embeds"))
 
     @torch.compiler.disable
     def __enter__(self) -> list:
-        self.hook = _decoder(self.model).register_forward_pre_hook(self._record, with_kwargs=True)
+        self.decoder = _decoder(self.model)
+        self.hook = self.decoder.register_forward_pre_hook(self._record, with_kwargs=True)
         return self.seen
 
     @torch.compiler.disable
@@ -468,14 +711,13 @@ def _gap_side(model: nn.Module, state: RegapState):
     return LanguageModelInputs(model) if state.layer == 0 else LayerOutput(_decoder(model), state.layer)
 
 
-def _scaled(model: nn.Module, state: RegapState, gap: Tensor, side: Tensor, fast: bool, input_ids: Tensor,
-            labels: Tensor, given_caption: Optional[Tensor]) -> Tensor:
-    """The gap times the text-norm alpha; a training forward adds its caption tokens to alpha's estimate first."""
+def _text_norm_alpha(model: nn.Module, state: RegapState, side: Tensor, fast: bool, inputs: _RegapInputs) -> float:
+    """The text-norm scale's alpha; a training forward adds its caption tokens to alpha's estimate first."""
     if model.training and state.scale.frozen is None:
-        caption = _caption(state, input_ids.to(side.device), labels, given_caption)
-        rows = model.get_input_embeddings()(input_ids.to(side.device)) if fast else side  # fast: side is pooled
-        state.scale.observe(rows, caption)
-    return gap * state.scale.alpha
+        input_ids = inputs.input_ids.to(side.device)
+        rows = model.get_input_embeddings()(input_ids) if fast else side  # fast: side holds the pooled image means
+        state.scale.observe(rows, inputs.caption.to(side.device))
+    return state.scale.alpha
 
 
 class _PooledOutputs:
@@ -492,9 +734,9 @@ class _PooledOutputs:
         self.projector.capture = None
 
 
-def _batch_gap(model: nn.Module, state: RegapState, seen: list, fast: bool, input_ids: Tensor, labels: Tensor,
-               given_caption: Optional[Tensor]) -> Tensor:
-    """Mean over samples (with an image and a caption token) of ||mean image token - mean caption token||."""
+def _gap_sums(model: nn.Module, state: RegapState, seen: list, fast: bool,
+              inputs: _RegapInputs) -> tuple[Tensor, Tensor]:
+    """(sum of the per-sample gaps ||mean image token - mean caption token||, number of samples with both)."""
     where = "the fused projector" if fast else "the language model"
     if not seen:
         raise RegapError(f"{where} did not run in this forward. Under torch.compile: a model of this class compiled "
@@ -504,18 +746,43 @@ def _batch_gap(model: nn.Module, state: RegapState, seen: list, fast: bool, inpu
         raise RegapError(f"{where} ran {len(seen)} times in one forward (inputs_embeds given: "
                          f"{[s is not None for s in seen]}); REGAP expects one run on inputs_embeds")
     side = seen[0]
+    input_ids = inputs.input_ids.to(side.device)
     if not fast and side.shape[:2] != input_ids.shape:
         raise RegapError(f"the language model received inputs_embeds {tuple(side.shape)} for input_ids "
                          f"{tuple(input_ids.shape)}: this model changes the sequence, REGAP cannot place its tokens")
-    input_ids = input_ids.to(side.device)
-    image_mask = torch.isin(input_ids, state.image_ids.to(side.device))
-    caption = _caption(state, input_ids, labels, given_caption)
-    _check_found(image_mask, caption, state)
+    image_mask = torch.isin(input_ids, state.image_ids.to(side.device)) if inputs.image_mask is None \
+        else inputs.image_mask.to(side.device)
+    caption = inputs.caption.to(side.device)
     kwargs = dict(squared=state.squared, backend=state.backend)
-    if fast:  # one mean per image from the projector; the caption side pooled from the embedding rows
-        return modality_gap(side, input_ids, image_mask, caption,
-                            embedding_weight=model.get_input_embeddings().weight, **kwargs)
-    return modality_gap(side, side, image_mask, caption, **kwargs)
+    if inputs.segments is not None:
+        gaps, valid = _segment_gaps(side, image_mask, caption, inputs.segments.to(side.device), **kwargs)
+        _check_found(model, state, image_mask, valid)
+    else:
+        valid = gap_samples(image_mask, caption)
+        _check_found(model, state, image_mask, valid)
+        if fast:  # one mean per image from the projector; the caption side pooled from the embedding rows
+            gaps = modality_gap(side, input_ids, image_mask, caption, reduction="none",
+                                embedding_weight=model.get_input_embeddings().weight, **kwargs)
+        else:
+            gaps = modality_gap(side, side, image_mask, caption, reduction="none", **kwargs)
+    return gaps.sum(), valid.sum()
+
+
+def _segment_gaps(side: Tensor, image_mask: Tensor, caption: Tensor, segments: Tensor, *, squared: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """Per packed sample: (gaps [S], which samples have image and caption tokens [S])."""
+    count = int(segments.max()) + 1  # one host sync, packed batches only
+    index, x = segments.flatten(), side.flatten(0, 1).float()
+
+    def means(mask: Tensor) -> tuple[Tensor, Tensor]:
+        m = mask.flatten().to(x.dtype)
+        sums = x.new_zeros(count, x.shape[1]).index_add(0, index, x * m.unsqueeze(1))
+        n = x.new_zeros(count).index_add(0, index, m)
+        return sums / n.clamp(min=1).unsqueeze(1), n > 0
+
+    (mu_image, has_image), (mu_caption, has_caption) = means(image_mask), means(caption)
+    valid = has_image & has_caption
+    return gap_from_means(mu_image, mu_caption, valid, reduction="none", squared=squared, backend=backend), valid
 
 
 def _caption(state: RegapState, input_ids: Tensor, labels: Tensor, given: Optional[Tensor]) -> Tensor:
@@ -528,29 +795,44 @@ def _caption(state: RegapState, input_ids: Tensor, labels: Tensor, given: Option
     return given.to(input_ids.device)
 
 
-def _check_found(image_mask: Tensor, caption: Tensor, state: RegapState) -> None:
-    """A batch with images must show them at placeholders, beside a caption: never a silent zero gap."""
-    found = torch.stack([image_mask.any(), gap_samples(image_mask, caption).any()])
+EMPTY_BATCHES_LIMIT = 8  # training forwards without a caption token, none with one: the labels are wrong
+
+
+def _check_found(model: nn.Module, state: RegapState, image_mask: Tensor, valid: Tensor) -> None:
+    """A batch with images must show them at placeholders (else a RegapError, never a silent zero gap). A batch
+    whose samples with images have no caption token adds a zero term, counted; a run of nothing but such batches
+    is a RegapError after EMPTY_BATCHES_LIMIT training forwards."""
+    if torch.compiler.is_compiling():  # the checks read values: eager only, a compiled graph would break on them
+        return
+    found = torch.stack([image_mask.any(), valid.any()])
     has_images, has_pairs = found.tolist()  # one host sync
     if not has_images:
         raise RegapError(f"this batch has images but its input_ids hold no image placeholder "
                          f"(ids {state.image_ids.tolist()}): let the model's processor insert them")
-    if not has_pairs:
-        raise RegapError("no sample with image tokens has a caption token (a label != -100 that is not a special "
-                         "token): check the labels, or pass caption_mask")
+    if not model.training:
+        return
+    if has_pairs:
+        state.pair_batches += 1
+        return
+    state.empty_batches += 1
+    _warn_once(state, "empty", "REGAP: a labelled batch in which no sample with image tokens has a caption token "
+                               "(a label != -100 that is not a special token) adds a zero REGAP term; "
+                               "regap_state(model).empty_batches counts them")
+    if state.pair_batches == 0 and state.empty_batches >= EMPTY_BATCHES_LIMIT:
+        raise RegapError(f"no sample with image tokens has had a caption token in {state.empty_batches} training "
+                         "forwards: REGAP adds nothing; label the answer tokens (not only special tokens), or pass "
+                         "caption_mask")
 
 
-def _loss_share(labels: Tensor, num_items_in_batch) -> Tensor | float:
-    """This micro-batch's share of the step when the LM loss is a sum over ``num_items_in_batch`` tokens.
-
-    The Trainer (gradient accumulation, token averaging across ranks) then sums the micro-batch losses
-    instead of averaging them; weighting each gap by its share of the label tokens keeps lambda the
-    weight of a (token-weighted) mean gap per optimizer step.
-    """
-    if num_items_in_batch is None:
-        return 1.0
-    local = (labels[:, 1:] != IGNORE_INDEX).sum()
-    return local / torch.as_tensor(num_items_in_batch, device=local.device).clamp(min=1)
+def _regap_term(model: nn.Module, state: RegapState, sums: Tensor, gap: Tensor, named: dict) -> Tensor:
+    """lambda x this forward's share of the mean gap over the optimizer step's samples (see weigh_step); outside
+    a weighed step, lambda x the mean gap of this forward's samples."""
+    if model.training and state.step_weight is not None:
+        return state.weight * state.step_weight * sums
+    if model.training and named.get("num_items_in_batch") is not None:
+        raise RegapError("a Trainer-style num_items_in_batch without REGAP's step weighing: call "
+                         "regap_fast.RegapCallback.attach(trainer) before trainer.train() (RegapSFTTrainer does it)")
+    return state.weight * gap
 
 
 def _with_gap(out, gap: Tensor, regap_term: Tensor):
@@ -572,24 +854,134 @@ def _with_regap_fields(output_class: type) -> type:
 
 
 # --------------------------------------------------------------------------------------------------
+# one lambda for every layout: the effective batch's mean gap
+# --------------------------------------------------------------------------------------------------
+
+
+def gap_samples_in(model: nn.Module, batch: dict) -> int:
+    """How many samples of ``batch`` (a dict of model inputs) REGAP counts: those with image and caption tokens
+    (per packed sample where the rows are packed). 0 where the forward would compute no REGAP term."""
+    model = _unwrapped(model)
+    state: RegapState = model._regap
+    named = dict(batch)
+    given = {k: named.pop(k) for k in ("caption_mask", "image_mask") if k in named}
+    if not _computes_regap(state, named):
+        return 0
+    inputs = _regap_inputs(model, state, named, given)
+    if inputs is None:
+        return 0
+    image_mask = torch.isin(inputs.input_ids, state.image_ids.to(inputs.input_ids.device)) \
+        if inputs.image_mask is None else inputs.image_mask
+    caption = inputs.caption.to(image_mask.device)
+    if inputs.segments is None:
+        return int(gap_samples(image_mask, caption).sum())
+    index = inputs.segments.to(image_mask.device).flatten()
+    count = int(index.max()) + 1
+    has = [torch.zeros(count, dtype=torch.long, device=index.device).index_add(0, index, m.flatten().long()) > 0
+           for m in (image_mask, caption)]
+    return int((has[0] & has[1]).sum())
+
+
+def weigh_step(model: nn.Module, micro_batches: list, loss_scale: float = 1.0, all_ranks: bool = True) -> int:
+    """Start an optimizer step over ``micro_batches`` (this rank's): until the next call, each training forward's
+    REGAP term is ``lambda * loss_scale * (sum of its per-sample gaps) / S``, S = the samples with a gap in the
+    micro-batches of every rank (summed over torch.distributed's ranks when ``all_ranks``).
+
+    ``loss_scale`` undoes what the training loop does to the loss before the gradients meet: with micro-batch
+    losses divided by G and DDP averaging over W ranks, pass ``G * W``; the summed, averaged gradient is then
+    that of ``lambda * mean gap`` over the effective batch. The Trainer integration (``RegapCallback.attach``,
+    ``RegapSFTTrainer``) calls this for you. Returns S.
+    """
+    state = regap_state(model)
+    if state is None:
+        raise RegapError("weigh_step: the model is not patched by apply_regap")
+    local = torch.tensor([float(sum(gap_samples_in(model, b) for b in micro_batches))], dtype=torch.float64)
+    total = int(_all_ranks_sum(local)[0]) if all_ranks else int(local[0])
+    state.step_weight = loss_scale / max(total, 1)
+    return total
+
+
+def end_weighing(model: nn.Module) -> None:
+    """Back to the default: each forward's term is lambda x the mean gap of its own samples."""
+    state = regap_state(model)
+    if state is not None:
+        state.step_weight = None
+
+
+def _trainer_loss_scale(trainer, num_items_in_batch, micro_batches: int, term_in_model_loss: bool) -> float:
+    """What the Trainer's arithmetic divides a micro-batch's REGAP term by before DDP averages the gradients
+    over the ranks (transformers 5: Trainer.compute_loss and training_step), times the number of ranks."""
+    args = trainer.args
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:  # Trainer.training_step's rule
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+            or trainer.compute_loss_func is not None
+    ranks = trainer.accelerator.num_processes
+    scale = ranks * (1 if scaled else micro_batches)
+    if term_in_model_loss and args.average_tokens_across_devices and num_items_in_batch is not None \
+            and (trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None):
+        scale /= ranks // trainer.get_tp_size()  # Trainer.compute_loss multiplies the model's loss by this
+    return scale
+
+
+def weigh_trainer_steps(trainer, term_in_model_loss: bool = True) -> None:
+    """Make ``trainer`` (a transformers Trainer) weigh each optimizer step's REGAP terms by ``weigh_step``: its
+    ``get_batch_samples``, which fetches a step's micro-batches before the first forward, is wrapped on the
+    instance. ``term_in_model_loss``: the term reaches the optimiser inside the model's loss (Trainer), or is
+    added to the trainer's own loss afterwards (RegapSFTTrainer)."""
+    if trainer.__dict__.get("_regap_weighing"):
+        return
+    if trainer.args.n_gpu > 1:
+        raise RegapError("REGAP under the Trainer's DataParallel (several GPUs in one process) is not supported: "
+                         "start one process per GPU (torchrun / accelerate launch)")
+    if trainer.label_smoother is not None or (term_in_model_loss and trainer.compute_loss_func is not None):
+        raise RegapError("with label smoothing or a compute_loss_func the Trainer computes the loss from the logits "
+                         "without the model's loss, so REGAP's term would be dropped: use the default loss")
+    fetch = trainer.get_batch_samples
+
+    def get_batch_samples(epoch_iterator, num_batches, device):
+        batches, num_items = fetch(epoch_iterator, num_batches, device)
+        if batches:
+            weigh_step(trainer.model, batches, _trainer_loss_scale(trainer, num_items, len(batches),
+                                                                   term_in_model_loss))
+        return batches, num_items
+
+    trainer.get_batch_samples = get_batch_samples
+    trainer._regap_weighing = True
+
+
+# --------------------------------------------------------------------------------------------------
 # logging
 # --------------------------------------------------------------------------------------------------
 
 
 class RegapCallback(TrainerCallback):
-    """Puts ``regap_gap`` (the mean gap of the training forwards since the last log) into the Trainer's logs.
+    """Puts ``regap_gap`` (the mean gap of the training forwards since the last log) into the Trainer's logs,
+    and ``eval_lm_loss`` / ``eval_regap_gap`` beside ``eval_loss``.
 
-    The Trainer calls callbacks in order and its reporters (TensorBoard, wandb, ...) come first, so add
-    this one with ``RegapCallback.attach(trainer)``, which puts it in front of them.
+    ``RegapCallback.attach(trainer)`` also makes the Trainer weigh each optimizer step's gaps as one mean over
+    its effective batch (``weigh_trainer_steps``), and puts the callback in front of the reporters (TensorBoard,
+    wandb, ...), which the Trainer calls first otherwise.
     """
 
     _warned = False
 
     @classmethod
-    def attach(cls, trainer) -> "RegapCallback":
+    def attach(cls, trainer, term_in_model_loss: bool = True) -> "RegapCallback":
+        if patched_module(trainer.model) is None:
+            raise RegapError("RegapCallback.attach: the trainer's model is not patched; call "
+                             "regap_fast.apply_regap(model) first")
+        weigh_trainer_steps(trainer, term_in_model_loss)
+        existing = next((c for c in trainer.callback_handler.callbacks if isinstance(c, cls)), None)
+        if existing is not None:
+            return existing
         callback = cls()
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            end_weighing(model)
 
     # the text-norm scale: counted in optimizer steps, saved with each checkpoint, restored on resume
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -608,9 +1000,16 @@ class RegapCallback(TrainerCallback):
             load_scale(regap, _checkpoint_dir(args, state))
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if logs is None or "loss" not in logs or model is None:  # training logs only
+        if logs is None or model is None:
             return
         regap = regap_state(model)
+        if "eval_loss" in logs and regap is not None:
+            means = regap.pop_eval()
+            if means is not None:
+                logs["eval_lm_loss"], logs["eval_regap_gap"] = means
+            return
+        if "loss" not in logs:  # training logs only
+            return
         value = None if regap is None else regap.pop_mean()
         if value is None:
             if regap is not None and regap.weight > 0 and not self._warned:

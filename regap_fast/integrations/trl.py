@@ -4,7 +4,9 @@ TRL (>= 1.x) computes the SFT loss itself, from per-token log-probabilities of a
 patches onto the model's forward, so the ``loss`` a patched model returns never reaches the optimiser.
 ``RegapSFTTrainer`` adds the REGAP term of each forward to TRL's loss, and takes the special tokens of
 the processing class (chat-template markers such as an end-of-turn token its labels cover) out of the
-caption tokens:
+caption tokens. Like ``RegapCallback.attach`` for the Trainer, it weighs each optimizer step's gaps as one
+mean over the effective batch (all micro-batches, all ranks), so lambda means the same at any gradient
+accumulation:
 
     apply_regap(model, regap_weight=0.1)
     trainer = RegapSFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., processing_class=processor)
@@ -16,7 +18,7 @@ import torch
 from trl import SFTTrainer
 
 from ..core import RegapError
-from .transformers import _wrap_outermost, patched_module
+from .transformers import RegapCallback, _wrap_outermost, patched_module
 
 
 class RegapSFTTrainer(SFTTrainer):
@@ -35,6 +37,7 @@ class RegapSFTTrainer(SFTTrainer):
         specials = torch.tensor(getattr(tokenizer, "all_special_ids", []), dtype=torch.long)
         self._regap.special_ids = torch.unique(torch.cat([self._regap.special_ids, specials]))
         _wrap_outermost(patched, self._regap)  # around TRL's fused LM head, which bypasses inner forwards
+        RegapCallback.attach(self, term_in_model_loss=False)  # the term joins TRL's loss after its own scaling
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._regap.last_regap_term = None
@@ -43,8 +46,6 @@ class RegapSFTTrainer(SFTTrainer):
         term = self._regap.last_regap_term
         if term is None:  # no labels or images in this batch, or weight 0
             return result
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            term = term * (self.accelerator.num_processes // self.get_tp_size())  # as TRL scales its own loss
         if return_outputs:
             loss, outputs = result
             return loss + term, outputs

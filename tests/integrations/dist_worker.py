@@ -5,6 +5,9 @@
                                  connector gradients, to OUT/torch-rank{r}.pt
     dist_worker.py zero2|zero3 OUT   one Trainer step under DeepSpeed (CPU accelerator, gloo), each family:
                                  the logged loss, to OUT/zero{2,3}-rank{r}.pt
+    dist_worker.py ga OUT        one Trainer step of 2 ranks x batch size 2 over test_recipes' four samples,
+                                 each of test_recipes.GA_FAMILIES: the REGAP part of the synced gradients,
+                                 to OUT/ga-rank{r}.pt
 
 The families are test_distributed.FAMILY_NAMES (one per path: the fused projector and the generic one).
 """
@@ -14,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from regap_fast.integrations.transformers import apply_regap
+from regap_fast.integrations.transformers import RegapCallback, apply_regap
 from vlm_families import BY_NAME, make_batch
 
 FAMILY_NAMES = ("LLaVA-1.5", "Qwen2.5-VL")
@@ -74,6 +77,7 @@ def deepspeed_step(stage: int, out_dir: str) -> dict:
                                  use_cpu=True, deepspeed=zero_config(stage))
         data = [make_batch(family, seed=s)[0] for s in (0, 1)]
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=lambda items: items[0])
+        RegapCallback.attach(trainer)
         trainer.train()
         results[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return results
@@ -85,6 +89,14 @@ def main(mode: str, out_dir: str) -> None:
         rank = dist.get_rank()
         results = ddp_and_fsdp2(rank)
         dist.destroy_process_group()
+    elif mode == "ga":
+        import os
+        from pathlib import Path
+
+        from test_recipes import GA_FAMILIES, regap_part
+
+        rank = int(os.environ["RANK"])
+        results = {name: regap_part(BY_NAME[name], 2, 1, Path(out_dir) / name) for name in GA_FAMILIES}
     else:
         import os
 

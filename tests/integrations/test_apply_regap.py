@@ -233,15 +233,29 @@ def test_applied_again_on_top_of_another_patch_counts_the_gap_once(family):
     torch.testing.assert_close(model(**batch).loss.double(), loss, rtol=1e-5, atol=1e-6)
 
 
-def test_num_items_in_batch_weights_the_gap_by_the_micro_batch_share():
-    """Under gradient accumulation the Trainer passes num_items_in_batch and sums the micro-batch losses."""
+def test_a_weighed_step_makes_each_forward_its_share_of_the_steps_mean_gap():
+    """weigh_step over three micro-batches like this one: each forward adds lambda * its gap sum / 9 samples."""
+    from regap_fast.integrations.transformers import end_weighing, weigh_step
+
     model, vanilla = patched(QWEN2, regap_weight=0.4)
+    model.train(), vanilla.train()
     batch, image_pos, caption = make_batch(QWEN2)
-    total = 3 * int((batch["labels"][:, 1:] != -100).sum())  # as if three micro-batches like this one
     _, gap, _ = expected(vanilla, QWEN2, batch, image_pos, caption, 0.4)
-    out = model(**batch, num_items_in_batch=total)
-    lm = vanilla(**batch, num_items_in_batch=total).loss
-    torch.testing.assert_close(out.loss.double(), lm.double() + 0.4 * gap / 3, rtol=1e-5, atol=1e-6)
+    assert weigh_step(model, [batch] * 3, loss_scale=2.0) == 9
+    out = model(**batch)
+    torch.testing.assert_close((out.loss - out.lm_loss).double(), 2.0 * 0.4 * 3 * gap / 9, rtol=1e-5, atol=1e-7)
+    end_weighing(model)
+    out = model(**batch)
+    torch.testing.assert_close((out.loss - out.lm_loss).double(), 0.4 * gap, rtol=1e-5, atol=1e-7)
+
+
+def test_num_items_in_batch_without_the_step_weighing_is_an_error_that_says_what_to_call():
+    """The Trainer's num_items_in_batch means micro-batch losses are summed: REGAP needs the step's sample count."""
+    model, _ = patched(LLAVA, regap_weight=0.4)
+    batch, _, _ = make_batch(LLAVA)
+    with pytest.raises(RegapError, match=r"RegapCallback.attach\(trainer\)"):
+        model.train()(**batch, num_items_in_batch=30)
+    assert model.eval()(**batch, num_items_in_batch=30).regap_gap > 0  # eval: the batch's own mean
 
 
 @pytest.mark.parametrize("family", [pytest.param(LLAVA, id="fast"), pytest.param(QWEN2, id="generic")])
@@ -396,14 +410,10 @@ def test_scaled_input_embeddings_take_the_generic_path_and_count_as_the_llm_sees
 def test_batch_errors(family):
     model = apply_regap(family.build())
     batch, image_pos, caption = make_batch(family)
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    no_ids = dict({k: v for k, v in batch.items() if k != "input_ids"}, inputs_embeds=embeds)
-    with pytest.raises(RegapError, match="needs input_ids with the labels"):
-        model(**no_ids)
     with pytest.raises(RegapError, match="must align with input_ids"):
         model(**dict(batch, labels=batch["labels"][:, :-1]))
-    with pytest.raises(RegapError, match="no sample with image tokens has a caption token"):
-        model(**dict(batch, labels=torch.where(caption, -100, batch["labels"])))
+    with pytest.raises(RegapError, match="image_mask must be a bool tensor"):
+        model(**batch, image_mask=image_pos.long())
     with pytest.raises(RegapError, match="regap_weight must be"):
         apply_regap(family.build(), regap_weight=-1)
     with pytest.raises(RegapError, match="unknown backend"):

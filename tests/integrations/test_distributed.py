@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from dist_worker import FAMILY_NAMES, WEIGHT  # noqa: E402
 from vlm_families import BY_NAME, expected, make_batch  # noqa: E402
 
-from regap_fast.integrations.transformers import apply_regap  # noqa: E402
+from regap_fast.integrations.transformers import RegapCallback, apply_regap  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 300  # seconds for a whole 2-process run (~20 s here)
@@ -60,17 +60,27 @@ def test_ddp_and_fsdp2_under_torchrun_give_the_one_process_loss_and_gradients(tm
                                                msg=f"{name} {mode} {n}")
 
 
-def token_weighted_loss(family) -> float:
-    """The step loss over make_batch seeds 0 and 1, as the Trainer weights micro-batches by their label
-    tokens (num_items_in_batch): sum_s n_s * (lm_s + lambda * gap_s) / sum_s n_s, gap by hand."""
+def step_loss(family) -> float:
+    """The logged loss of one Trainer step over make_batch seeds 0 and 1 as micro-batches: the LM loss as the
+    Trainer weighs it (token-weighted over the step where the model takes num_items_in_batch, else the mean of the
+    micro-batch means), plus lambda * the mean of the per-sample gaps over the step (by hand)."""
+    from helpers import gaps_float64
+    from vlm_families import received_embeds
+
     vanilla = family.build().train()
-    total = weight = 0.0
+    lm, tokens, gap_sum, samples = [], [], 0.0, 0
     for seed in (0, 1):
         batch, image_pos, caption = make_batch(family, seed=seed)
-        _, _, loss = expected(copy.deepcopy(vanilla), family, batch, image_pos, caption, WEIGHT)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total, weight = total + n * float(loss), weight + n
-    return total / weight
+        out, embeds = received_embeds(copy.deepcopy(vanilla), family, batch)
+        gaps, valid = gaps_float64(embeds, embeds, image_pos, caption)
+        lm.append(float(out.loss))
+        tokens.append(int((batch["labels"][:, 1:] != -100).sum()))
+        gap_sum, samples = gap_sum + float(gaps.sum()), samples + int(valid.sum())
+    if getattr(vanilla, "accepts_loss_kwargs", True):
+        lm_loss = sum(n * x for n, x in zip(tokens, lm)) / sum(tokens)
+    else:
+        lm_loss = sum(lm) / len(lm)
+    return lm_loss + WEIGHT * gap_sum / samples
 
 
 @pytest.mark.slow
@@ -86,9 +96,10 @@ def test_one_process_trainer_step_over_two_micro_batches(name, tmp_path):
     model = apply_regap(family.build().train(), regap_weight=WEIGHT)
     data = [make_batch(family, seed=s)[0] for s in (0, 1)]
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=lambda items: items[0])
+    RegapCallback.attach(trainer)
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert logged == [pytest.approx(token_weighted_loss(family), rel=1e-5)]
+    assert logged == [pytest.approx(step_loss(family), rel=1e-5)]
 
 
 @needs_deepspeed
@@ -97,7 +108,7 @@ def test_one_process_trainer_step_over_two_micro_batches(name, tmp_path):
 def test_deepspeed_zero_through_the_trainer_gives_the_one_process_loss(stage, tmp_path):
     ranks = torchrun(f"zero{stage}", tmp_path)
     for name in FAMILY_NAMES:
-        want = token_weighted_loss(BY_NAME[name])
+        want = step_loss(BY_NAME[name])
         assert ranks[0][name] == ranks[1][name] == [pytest.approx(want, rel=1e-5)], name
 
 

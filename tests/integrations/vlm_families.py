@@ -321,12 +321,14 @@ def docs_table() -> str:
     return "\n".join(lines)
 
 
-def with_table(text: str) -> str:
-    """``text`` (the docs page) with the part between the table markers replaced by ``docs_table()``."""
-    pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
+def with_table(text: str, table: Optional[str] = None, start: str = TABLE_START, end: str = TABLE_END) -> str:
+    """``text`` (the docs page) with the part between the markers ``start`` and ``end`` replaced by ``table``
+    (default: the family table, ``docs_table()``)."""
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"{DOCS} has no {TABLE_START} ... {TABLE_END} markers")
-    return pattern.sub(lambda _: f"{TABLE_START}\n{docs_table()}\n{TABLE_END}", text)
+        raise ValueError(f"{DOCS} has no {start} ... {end} markers")
+    table = docs_table() if table is None else table
+    return pattern.sub(lambda _: f"{start}\n{table}\n{end}", text)
 
 
 if __name__ == "__main__":
