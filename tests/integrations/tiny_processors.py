@@ -106,6 +106,19 @@ def idefics3_processor():
                              chat_template=CHAT.replace("IMAGE", "<image>"))
 
 
+def smolvlm_processor():
+    """SmolVLM's processor (Idefics3's layout; it needs num2words), one 32 x 32 image without splitting."""
+    from transformers import SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
+                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                "global_image_token": "<global-img>"})
+    images = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                      max_image_size={"longest_edge": 32})
+    return SmolVLMProcessor(image_processor=images, video_processor=SmolVLMVideoProcessor(), tokenizer=tokenizer,
+                            image_seq_len=4, chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
 def qwen3_vl_processor():
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -149,22 +162,24 @@ def mistral3_processor():
                             chat_template=CHAT.replace("IMAGE", "[IMG]"))
 
 
-# SmolVLM's processor needs num2words, Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
+# Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
 # its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
               "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
               "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
-              "InternVL": internvl_processor, "Mistral 3": mistral3_processor}
+              "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor}
 
 
 def needs(name):
-    """Processors with a video processor (Qwen-VL, LLaVA-OneVision, InternVL): transformers makes it with
-    torchvision."""
+    """Skips for what a processor needs beyond the core install: a video processor (Qwen-VL, LLaVA-OneVision,
+    InternVL) that transformers makes with torchvision; SmolVLM's num2words."""
     import pytest
 
     video = name.startswith("Qwen") or name in ("LLaVA-OneVision", "InternVL")  # video processors: torchvision
     missing = video and importlib.util.find_spec("torchvision") is None
-    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)")]
+    words = name == "SmolVLM" and importlib.util.find_spec("num2words") is None  # the `test` extra installs it
+    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)"),
+            pytest.mark.skipif(words, reason="SmolVLM's processor needs num2words (pip install num2words)")]
 
 
 def save_folder(path: Path, family_name: str, seed: int = 0) -> Path:
