@@ -162,12 +162,28 @@ def mistral3_processor():
                             chat_template=CHAT.replace("IMAGE", "[IMG]"))
 
 
+def aya_vision_processor():
+    """Aya Vision's processor at the tiny model's sizes. It writes ``(img_size // (patch_size * downsample_factor))
+    ** 2`` patch tokens per tile, so img_size 16 with patch 4 and the config's downsample 2 gives the 4 tokens the
+    16 x 16 SigLIP patches become after the 2 x 2 pixel shuffle; ``max_patches=1`` keeps the global tile alone
+    (the image processor then skips cropping), matching the model's one image per ``pixel_values`` row."""
+    from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
+
+    # TILE_GLOBAL, the word before each global tile's patches, takes the id videos have elsewhere
+    tokenizer = word_tokenizer({"<|IMG_PATCH|>": IMAGE, "<|START_OF_IMG|>": START, "<|END_OF_IMG|>": END,
+                                "TILE_GLOBAL": VIDEO})
+    images = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, max_patches=1)
+    return AyaVisionProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, img_size=16,
+                              downsample_factor=2, chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
 # Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
 # its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
               "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
               "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
-              "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor}
+              "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor,
+              "Aya Vision": aya_vision_processor}
 
 
 def needs(name):
