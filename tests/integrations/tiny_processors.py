@@ -177,13 +177,27 @@ def aya_vision_processor():
                               downsample_factor=2, chat_template=CHAT.replace("IMAGE", "<image>"))
 
 
+def glm4v_processor():
+    """GLM-4V's processor: Qwen-VL's patch grid (4 x 4 patches, 2 x 2 merge), every image 16 x 16: 4 tokens."""
+    from transformers import Glm4vImageProcessorPil, Glm4vProcessor, Glm4vVideoProcessor
+
+    tokenizer = word_tokenizer({"<|image|>": IMAGE, "<|video|>": VIDEO, "<|begin_of_image|>": START,
+                                "<|end_of_image|>": END})
+    budget = 2 * 16 * 16  # GLM-4V's pixel budget counts the 2 frames of the temporal patch too
+    grid = dict(patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": budget,
+                                                                         "longest_edge": budget})
+    return Glm4vProcessor(image_processor=Glm4vImageProcessorPil(**grid), video_processor=Glm4vVideoProcessor(**grid),
+                          tokenizer=tokenizer,
+                          chat_template=CHAT.replace("IMAGE", "<|begin_of_image|><|image|><|end_of_image|>"))
+
+
 # Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
 # its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
               "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
               "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
               "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor,
-              "Aya Vision": aya_vision_processor}
+              "Aya Vision": aya_vision_processor, "GLM-4V": glm4v_processor}
 
 
 def needs(name):
