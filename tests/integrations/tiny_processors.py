@@ -24,10 +24,11 @@ CHAT = ("{% for m in messages %}<|im_start|> {{ m['role'] }} "
         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
 
-def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = None):
+def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = None, bos: bool = False):
     """A whitespace word-level tokenizer: the special tokens at their family ids, then markers, roles, words.
-    ``named``: special tokens a processor looks up by attribute (``tokenizer.boi_token``, ...)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    ``named``: special tokens a processor looks up by attribute (``tokenizer.boi_token``, ...). ``bos``: it
+    starts each text with ``<s>`` when asked for special tokens (OPT's and Llama's tokenizers do)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = dict(SPECIAL, **placeholders)
@@ -37,6 +38,9 @@ def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = 
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in [*SPECIAL, *placeholders, *MARKERS]])
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1",
+                                                               special_tokens=[("<s>", SPECIAL["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    extra_special_tokens={"im_end": "<|im_end|>", **(named or {})})
 
@@ -191,13 +195,43 @@ def glm4v_processor():
                           chat_template=CHAT.replace("IMAGE", "<|begin_of_image|><|image|><|end_of_image|>"))
 
 
-# Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
-# its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
+def blip2_processor():
+    """BLIP-2's processor: no chat template by design (the question, then the answer; hf_gap.PLAIN); it puts the
+    4 query tokens' placeholders in front of the tokenizer's ``<s>``."""
+    from transformers import BlipImageProcessorPil, Blip2Processor
+
+    images = BlipImageProcessorPil(size={"height": 16, "width": 16})
+    return Blip2Processor(image_processor=images, tokenizer=word_tokenizer({"<image>": IMAGE}, bos=True),
+                          num_query_tokens=4)
+
+
+def instructblip_processor():
+    """InstructBLIP's: BLIP-2's, and a second tokenizer for the Q-Former's instruction."""
+    from transformers import InstructBlipProcessor
+
+    base = blip2_processor()
+    return InstructBlipProcessor(image_processor=base.image_processor, tokenizer=base.tokenizer,
+                                 qformer_tokenizer=word_tokenizer({}), num_query_tokens=4)
+
+
+def paligemma_processor():
+    """PaliGemma's processor: no chat template by design (prefix ``<image>question``, the answer as its suffix;
+    hf_gap.PLAIN); 4 image tokens, as the tiny SigLIP's 2 x 2 patches."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    images = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    images.image_seq_length = 4  # PaliGemma's processor reads the image token count here
+    tokenizer = word_tokenizer({"<image>": IMAGE}, {"image_token": "<image>"})
+    return PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
               "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
               "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
               "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor,
-              "Aya Vision": aya_vision_processor, "GLM-4V": glm4v_processor}
+              "Aya Vision": aya_vision_processor, "GLM-4V": glm4v_processor, "BLIP-2": blip2_processor,
+              "InstructBLIP": instructblip_processor, "PaliGemma": paligemma_processor}
+PLAIN = ("BLIP-2", "InstructBLIP", "PaliGemma")  # no chat template by design: regap_fast.eval.hf_gap.PLAIN
 
 
 def needs(name):
