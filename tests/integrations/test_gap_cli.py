@@ -137,6 +137,11 @@ def test_mir_of_a_transformers_folder_is_the_published_procedure_on_its_hidden_s
     assert not (tmp_path / "mir" / "gap.png").exists()
 
 
+def test_every_family_of_the_docs_table_has_a_tiny_folder():
+    """``gap`` (L2 and MIR) and ``safety-eval`` run above on each family docs/integrations.md lists."""
+    assert sorted(PROCESSORS) == sorted(BY_NAME)
+
+
 def test_a_processor_without_a_chat_template_is_one_clear_error(tmp_path, capsys):
     folder = save_folder(tmp_path / "model", "LLaVA-1.5")
     for name in ("chat_template.jinja", "chat_template.json"):

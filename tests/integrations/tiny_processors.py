@@ -1,5 +1,7 @@
 """Processors for the tiny family models, built offline: a word-level tokenizer made with the ``tokenizers``
-library, each family's own image processor (the PIL one: no torchvision needed) and a chat template.
+library, each family's own image processor (the PIL one: no torchvision needed) and a chat template (but for
+BLIP-2, InstructBLIP and PaliGemma, which have none by design: ``PLAIN``). One for every family of
+``vlm_families.FAMILIES``.
 ``save_folder`` writes a model folder as ``save_pretrained`` users have them (model + processor)."""
 
 from __future__ import annotations
