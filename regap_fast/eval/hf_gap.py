@@ -11,6 +11,16 @@ assistant turn is the caption. The gap is ``regap_fast.core``'s at the language 
 ``inputs_embeds`` it receives: image positions at the image placeholders, caption positions the
 caption's own tokens (``caption_mask`` of the caption's span: the template's markers around it are not
 caption tokens).
+
+BLIP-2, InstructBLIP and PaliGemma have no chat template by design (BLIP-2's and InstructBLIP's processors
+cannot hold one; PaliGemma is a prefix-to-suffix model). They get their own plain format instead (``PLAIN``):
+the question, then the answer. BLIP-2 and InstructBLIP: the text ``"{question} {answer}"`` with the
+tokenizer's own special tokens, the processor putting the query tokens in front; InstructBLIP's Q-Former
+reads the question alone (the instruction, never the answer). PaliGemma: the processor's prefix
+``<image>{question}`` and the answer as its ``suffix``, so the answer is causal after a bidirectional prefix
+and its labels are the processor's. A request is the question alone; these models answer only with an
+image (BLIP-2's ``generate`` needs ``pixel_values``, PaliGemma's processor needs images), so ``safety-eval``
+leaves the ``none`` condition out for them.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+PLAIN = ("blip-2", "instructblip", "paligemma")  # model types without a chat template by design
 QWEN_SIDE = 448  # the synthetic images' side for processors that take a pixel budget
 
 
@@ -54,8 +65,12 @@ class TransformersVLM:
         check_supported(model)
         self.model, self.processor = model.eval(), processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        if not getattr(processor, "chat_template", None):
+        kind = getattr(model.config, "model_type", None)
+        self.plain = not getattr(processor, "chat_template", None) and kind in PLAIN
+        if not self.plain and not getattr(processor, "chat_template", None):
             raise ValueError("the model's processor has no chat template: the pairs cannot be put into its format")
+        self.prefix_suffix = self.plain and kind == "paligemma"  # the answer goes in as the processor's suffix
+        self.answers_without_image = not self.plain
         self.placeholders = placeholder_ids(model)
         self.special_ids = special_ids_of(model, self.tokenizer.all_special_ids)
 
@@ -94,6 +109,8 @@ class TransformersVLM:
         return int(getattr(vision, "image_size", 0) or 336)
 
     def _prompt(self, request: str, with_image: bool) -> str:
+        if self.plain:  # BLIP-2's processor puts the query tokens in front itself; PaliGemma's prefix names them
+            return (self.processor.image_token if self.prefix_suffix and with_image else "") + request
         user = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": request}]
         return self.processor.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                   add_generation_prompt=True)
@@ -106,6 +123,8 @@ class TransformersVLM:
 
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        if not self.answers_without_image and any(im is None for im in images):
+            raise ValueError(f"a {self.model.config.model_type} model answers only with an image")
         answers: list = [None] * len(prompts)
         groups = [[i for i, im in enumerate(images) if (im is None) == none] for none in (True, False)]
         dtype = next(self.model.parameters()).dtype
@@ -117,7 +136,7 @@ class TransformersVLM:
                 with_image = images[chunk[0]] is not None
                 texts = [self._prompt(prompts[i], with_image) for i in chunk]
                 kwargs = {"images": [[images[i].convert("RGB")] for i in chunk]} if with_image else {}
-                batch = self.processor(text=texts, padding=True, padding_side="left", add_special_tokens=False,
+                batch = self.processor(text=texts, padding=True, padding_side="left", add_special_tokens=self.plain,
                                        return_tensors="pt", **kwargs)
                 inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype)
                           for k, v in batch.items()}
@@ -129,6 +148,8 @@ class TransformersVLM:
         return answers
 
     def _conversation(self, prompt: str, caption: str) -> str:
+        if self.plain:
+            return f"{prompt} {caption}".strip()
         user = [{"type": "image"}] + ([{"type": "text", "text": prompt}] if prompt else [])
         messages = [{"role": "user", "content": user},
                     {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
@@ -140,7 +161,7 @@ class TransformersVLM:
         after the processor expands them."""
         from ..data.llava import common_prefix_length
 
-        full, empty = (self.tokenizer(self._conversation(prompt, c), add_special_tokens=False)["input_ids"]
+        full, empty = (self.tokenizer(self._conversation(prompt, c), add_special_tokens=self.plain)["input_ids"]
                        for c in (caption, ""))
         start = common_prefix_length(full, empty)
         after = common_prefix_length(full[start:][::-1], empty[start:][::-1])
@@ -154,14 +175,19 @@ class TransformersVLM:
         from ..core import caption_mask
         from ..integrations.transformers import LanguageModelInputs
 
-        texts = [self._conversation(p, c) for p, c in zip(prompts, captions)]
-        batch = self.processor(text=texts, images=[[im] for im in images], padding=True, padding_side="right",
-                               add_special_tokens=False, return_tensors="pt")
+        common = dict(images=[[im] for im in images], padding=True, padding_side="right", return_tensors="pt")
+        if self.prefix_suffix:  # PaliGemma labels its suffix, the answer
+            batch = self.processor(text=[self._prompt(p, True) for p in prompts], suffix=list(captions), **common)
+            labels = batch.pop("labels")
+        else:
+            batch = self.processor(text=[self._conversation(p, c) for p, c in zip(prompts, captions)],
+                                   add_special_tokens=self.plain, **common)
+            labels = self._caption_labels(batch, prompts, captions)
+        if "qformer_input_ids" in batch:  # InstructBLIP: the Q-Former's instruction is the question, not the answer
+            instruction = self.processor.qformer_tokenizer(list(prompts), padding=True, return_tensors="pt")
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = (instruction["input_ids"],
+                                                                           instruction["attention_mask"])
         ids = batch["input_ids"]
-        labels = torch.full_like(ids, -100)
-        for row, (length, (after, n)) in enumerate(zip(batch["attention_mask"].sum(1).tolist(),
-                                                       map(self._caption_span, prompts, captions))):
-            labels[row, length - after - n:length - after] = ids[row, length - after - n:length - after]
         dtype = next(self.model.parameters()).dtype
         inputs = {k: v.to(self.model.device, dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
         with LanguageModelInputs(self.model) as seen:
@@ -173,3 +199,14 @@ class TransformersVLM:
         if per_layer:  # BLIP-2 keeps the LM's outputs apart
             hidden = getattr(out, "hidden_states", None) or out.language_model_outputs.hidden_states
         return GapInputs(embeds, embeds, image_mask, caption, hidden, image_mask, caption)
+
+    def _caption_labels(self, batch, prompts: Sequence[str], captions: Sequence[str]):
+        """``-100`` but on each caption's span in the right-padded batch."""
+        import torch
+
+        ids = batch["input_ids"]
+        labels = torch.full_like(ids, -100)
+        for row, (length, (after, n)) in enumerate(zip(batch["attention_mask"].sum(1).tolist(),
+                                                       map(self._caption_span, prompts, captions))):
+            labels[row, length - after - n:length - after] = ids[row, length - after - n:length - after]
+        return labels

@@ -60,7 +60,8 @@ def evaluate(vlm, prompts: Sequence[Prompt], conditions=None, judge=None, *, out
     """Generate, judge and report; returns the report (also written to ``out_dir``).
 
     Args:
-        vlm: a ``regap_fast.model.VisionLanguageModel`` (anything with ``generate`` and ``image_size``).
+        vlm: a ``regap_fast.model.VisionLanguageModel`` (anything with ``generate`` and ``image_size``); one
+            whose ``answers_without_image`` is False gets no ``none`` condition ("all" leaves it out).
         prompts: from ``regap_fast.eval.prompts``.
         conditions: condition names, or a comma-separated string (default: every available one).
         judge: anything with ``judge(prompts, responses) -> list[bool]`` (default: ``RefusalJudge()``).
@@ -78,7 +79,12 @@ def evaluate(vlm, prompts: Sequence[Prompt], conditions=None, judge=None, *, out
     if max_new_tokens < 1 or batch_size < 1 or judge_batch_size < 1:
         raise ValueError("max_new_tokens, batch_size and judge_batch_size must be >= 1")
     judge = judge if judge is not None else RefusalJudge()
+    named = [c.strip() for c in conditions.split(",")] if isinstance(conditions, str) else list(conditions or [])
     conditions = parse_conditions(conditions, prompts)
+    if TEXT_ONLY in conditions and not getattr(vlm, "answers_without_image", True):  # BLIP-2, PaliGemma
+        if TEXT_ONLY in named:
+            raise ValueError(f"this model answers only with an image: leave the {TEXT_ONLY!r} condition out")
+        conditions.remove(TEXT_ONLY)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_name, "max_new_tokens": max_new_tokens, "do_sample": do_sample,
@@ -309,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
     if args.judge != "beaverdam" and args.judge_threshold != BEAVERDAM_THRESHOLD:
         raise ValueError("--judge-threshold applies to --judge beaverdam only")
     prompts = load_prompts(args.prompts, args.benchmark, args.image_folder, args.limit)
-    conditions = parse_conditions(args.conditions, prompts)
+    parse_conditions(args.conditions, prompts)  # a bad name fails before the model loads
     if args.judge == "guard":
         judge = GuardModelJudge(judge_model, batch_size=args.batch_size)
     elif args.judge == "beaverdam":
@@ -319,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
     vlm, device, dtype = _load(args)
     if isinstance(judge, (GuardModelJudge, BeaverDamJudge)):
         judge.device, judge.dtype = device, dtype
-    report = evaluate(vlm, prompts, conditions, judge, out_dir=args.out, max_new_tokens=args.max_new_tokens,
+    report = evaluate(vlm, prompts, args.conditions, judge, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                       batch_size=args.batch_size, do_sample=args.sample, temperature=args.temperature,
                       seed=args.seed, model_name=str(Path(args.model).resolve()), progress=show_progress(args))
     print(format_report(report))

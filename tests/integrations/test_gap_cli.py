@@ -12,7 +12,7 @@ from PIL import Image
 transformers = pytest.importorskip("transformers")
 
 from helpers import gaps_float64, published_mir  # noqa: E402
-from tiny_processors import CAPTION_IDS, PROCESSORS, WORDS, needs, save_folder  # noqa: E402
+from tiny_processors import CAPTION_IDS, PLAIN, PROCESSORS, WORDS, needs, save_folder  # noqa: E402
 from vlm_families import BY_NAME, IMAGE  # noqa: E402
 
 from regap_fast.cli import main  # noqa: E402
@@ -36,18 +36,38 @@ def write_pairs(root):
     return root / "pairs.json"
 
 
+def plain_batch(processor, name, question, answer, image):
+    """The families without a chat template, their format spelled out: PaliGemma's prefix ``<image>question``
+    and the answer as its suffix; BLIP-2's ``question answer`` with the tokenizer's special tokens, InstructBLIP's
+    Q-Former reading the question alone."""
+    if name == "PaliGemma":
+        batch = processor(text=["<image>" + question], suffix=[answer], images=[[image]], return_tensors="pt")
+        batch.pop("labels")
+        return batch
+    batch = processor(text=[f"{question} {answer}"], images=[[image]], return_tensors="pt")
+    if name == "InstructBLIP":
+        instruction = processor.qformer_tokenizer([question], return_tensors="pt")
+        batch["qformer_input_ids"], batch["qformer_attention_mask"] = (instruction["input_ids"],
+                                                                       instruction["attention_mask"])
+    return batch
+
+
 def gaps_by_hand(folder, name, root, rows=None):
-    """Vanilla transformers on the folder, one pair at a time; the caption: the words after 'assistant'.
-    ``rows``: a dict that receives the image and caption rows of the hidden states after every decoder layer."""
+    """Vanilla transformers on the folder, one pair at a time; the caption: the words after 'assistant' (after
+    the question's words in the plain format). ``rows``: a dict that receives the image and caption rows of
+    the hidden states after every decoder layer."""
     processor = transformers.AutoProcessor.from_pretrained(folder)
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
     gaps = []
     for i, cap in enumerate(CAPTIONS):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": cap}]}]
-        text = processor.apply_chat_template(messages, tokenize=False)
-        batch = processor(text=[text], images=[[Image.open(root / "imgs" / f"{i}.png").convert("RGB")]],
-                          add_special_tokens=False, return_tensors="pt")
+        image = Image.open(root / "imgs" / f"{i}.png").convert("RGB")
+        if name in PLAIN:
+            batch = plain_batch(processor, name, QUESTION, cap, image)
+        else:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": cap}]}]
+            text = processor.apply_chat_template(messages, tokenize=False)
+            batch = processor(text=[text], images=[[image]], add_special_tokens=False, return_tensors="pt")
         seen = []
         hook = model.get_submodule(BY_NAME[name].lm).register_forward_pre_hook(
             lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
@@ -55,8 +75,11 @@ def gaps_by_hand(folder, name, root, rows=None):
             out = model(**batch, output_hidden_states=True)
         hook.remove()
         ids = batch["input_ids"]
-        after_role = torch.arange(ids.shape[1]) > int((ids[0] == ASSISTANT).nonzero().max())
-        caption = after_role & torch.isin(ids, torch.tensor(CAPTION_IDS))
+        words = torch.isin(ids, torch.tensor(CAPTION_IDS))
+        if name in PLAIN:
+            caption = words & (words.cumsum(1) > len(QUESTION.split()))
+        else:
+            caption = words & (torch.arange(ids.shape[1]) > int((ids[0] == ASSISTANT).nonzero().max()))
         assert int(caption.sum()) == len(cap.split())
         g, valid = gaps_float64(seen[0], seen[0], ids == IMAGE, caption)
         assert valid.all()
@@ -112,6 +135,11 @@ def test_mir_of_a_transformers_folder_is_the_published_procedure_on_its_hidden_s
     alone = json.loads((tmp_path / "mir" / "gap.json").read_text())
     assert "gap" not in alone and alone["mir"]["value"] == pytest.approx(result["mir"]["value"], rel=1e-6)
     assert not (tmp_path / "mir" / "gap.png").exists()
+
+
+def test_every_family_of_the_docs_table_has_a_tiny_folder():
+    """``gap`` (L2 and MIR) and ``safety-eval`` run above on each family docs/integrations.md lists."""
+    assert sorted(PROCESSORS) == sorted(BY_NAME)
 
 
 def test_a_processor_without_a_chat_template_is_one_clear_error(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """Processors for the tiny family models, built offline: a word-level tokenizer made with the ``tokenizers``
-library, each family's own image processor (the PIL one: no torchvision needed) and a chat template.
+library, each family's own image processor (the PIL one: no torchvision needed) and a chat template (but for
+BLIP-2, InstructBLIP and PaliGemma, which have none by design: ``PLAIN``). One for every family of
+``vlm_families.FAMILIES``.
 ``save_folder`` writes a model folder as ``save_pretrained`` users have them (model + processor)."""
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ CHAT = ("{% for m in messages %}<|im_start|> {{ m['role'] }} "
         "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 
 
-def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = None):
+def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = None, bos: bool = False):
     """A whitespace word-level tokenizer: the special tokens at their family ids, then markers, roles, words.
-    ``named``: special tokens a processor looks up by attribute (``tokenizer.boi_token``, ...)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    ``named``: special tokens a processor looks up by attribute (``tokenizer.boi_token``, ...). ``bos``: it
+    starts each text with ``<s>`` when asked for special tokens (OPT's and Llama's tokenizers do)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = dict(SPECIAL, **placeholders)
@@ -37,6 +40,9 @@ def word_tokenizer(placeholders: dict[str, int], named: dict[str, str] | None = 
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in [*SPECIAL, *placeholders, *MARKERS]])
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B:1",
+                                                               special_tokens=[("<s>", SPECIAL["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    extra_special_tokens={"im_end": "<|im_end|>", **(named or {})})
 
@@ -106,6 +112,19 @@ def idefics3_processor():
                              chat_template=CHAT.replace("IMAGE", "<image>"))
 
 
+def smolvlm_processor():
+    """SmolVLM's processor (Idefics3's layout; it needs num2words), one 32 x 32 image without splitting."""
+    from transformers import SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
+                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                                "global_image_token": "<global-img>"})
+    images = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                      max_image_size={"longest_edge": 32})
+    return SmolVLMProcessor(image_processor=images, video_processor=SmolVLMVideoProcessor(), tokenizer=tokenizer,
+                            image_seq_len=4, chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
 def qwen3_vl_processor():
     from transformers import Qwen2VLImageProcessorPil, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -149,22 +168,84 @@ def mistral3_processor():
                             chat_template=CHAT.replace("IMAGE", "[IMG]"))
 
 
-# SmolVLM's processor needs num2words, Aya Vision's a tile layout the tiny tower does not match, PaliGemma's
-# its own prompt format, BLIP-2's and GLM-4V's their own processors: not here yet
+def aya_vision_processor():
+    """Aya Vision's processor at the tiny model's sizes. It writes ``(img_size // (patch_size * downsample_factor))
+    ** 2`` patch tokens per tile, so img_size 16 with patch 4 and the config's downsample 2 gives the 4 tokens the
+    16 x 16 SigLIP patches become after the 2 x 2 pixel shuffle; ``max_patches=1`` keeps the global tile alone
+    (the image processor then skips cropping), matching the model's one image per ``pixel_values`` row."""
+    from transformers import AyaVisionProcessor, GotOcr2ImageProcessorPil
+
+    # TILE_GLOBAL, the word before each global tile's patches, takes the id videos have elsewhere
+    tokenizer = word_tokenizer({"<|IMG_PATCH|>": IMAGE, "<|START_OF_IMG|>": START, "<|END_OF_IMG|>": END,
+                                "TILE_GLOBAL": VIDEO})
+    images = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, max_patches=1)
+    return AyaVisionProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4, img_size=16,
+                              downsample_factor=2, chat_template=CHAT.replace("IMAGE", "<image>"))
+
+
+def glm4v_processor():
+    """GLM-4V's processor: Qwen-VL's patch grid (4 x 4 patches, 2 x 2 merge), every image 16 x 16: 4 tokens."""
+    from transformers import Glm4vImageProcessorPil, Glm4vProcessor, Glm4vVideoProcessor
+
+    tokenizer = word_tokenizer({"<|image|>": IMAGE, "<|video|>": VIDEO, "<|begin_of_image|>": START,
+                                "<|end_of_image|>": END})
+    budget = 2 * 16 * 16  # GLM-4V's pixel budget counts the 2 frames of the temporal patch too
+    grid = dict(patch_size=4, temporal_patch_size=2, merge_size=2, size={"shortest_edge": budget,
+                                                                         "longest_edge": budget})
+    return Glm4vProcessor(image_processor=Glm4vImageProcessorPil(**grid), video_processor=Glm4vVideoProcessor(**grid),
+                          tokenizer=tokenizer,
+                          chat_template=CHAT.replace("IMAGE", "<|begin_of_image|><|image|><|end_of_image|>"))
+
+
+def blip2_processor():
+    """BLIP-2's processor: no chat template by design (the question, then the answer; hf_gap.PLAIN); it puts the
+    4 query tokens' placeholders in front of the tokenizer's ``<s>``."""
+    from transformers import BlipImageProcessorPil, Blip2Processor
+
+    images = BlipImageProcessorPil(size={"height": 16, "width": 16})
+    return Blip2Processor(image_processor=images, tokenizer=word_tokenizer({"<image>": IMAGE}, bos=True),
+                          num_query_tokens=4)
+
+
+def instructblip_processor():
+    """InstructBLIP's: BLIP-2's, and a second tokenizer for the Q-Former's instruction."""
+    from transformers import InstructBlipProcessor
+
+    base = blip2_processor()
+    return InstructBlipProcessor(image_processor=base.image_processor, tokenizer=base.tokenizer,
+                                 qformer_tokenizer=word_tokenizer({}), num_query_tokens=4)
+
+
+def paligemma_processor():
+    """PaliGemma's processor: no chat template by design (prefix ``<image>question``, the answer as its suffix;
+    hf_gap.PLAIN); 4 image tokens, as the tiny SigLIP's 2 x 2 patches."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+
+    images = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    images.image_seq_length = 4  # PaliGemma's processor reads the image token count here
+    tokenizer = word_tokenizer({"<image>": IMAGE}, {"image_token": "<image>"})
+    return PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gemma 3": gemma3_processor,
               "LLaVA-NeXT": llava_next_processor, "Idefics3": idefics3_processor, "Qwen2.5-VL": qwen2_5_vl_processor,
               "Qwen3-VL": qwen3_vl_processor, "LLaVA-OneVision": llava_onevision_processor,
-              "InternVL": internvl_processor, "Mistral 3": mistral3_processor}
+              "InternVL": internvl_processor, "Mistral 3": mistral3_processor, "SmolVLM": smolvlm_processor,
+              "Aya Vision": aya_vision_processor, "GLM-4V": glm4v_processor, "BLIP-2": blip2_processor,
+              "InstructBLIP": instructblip_processor, "PaliGemma": paligemma_processor}
+PLAIN = ("BLIP-2", "InstructBLIP", "PaliGemma")  # no chat template by design: regap_fast.eval.hf_gap.PLAIN
 
 
 def needs(name):
-    """Processors with a video processor (Qwen-VL, LLaVA-OneVision, InternVL): transformers makes it with
-    torchvision."""
+    """Skips for what a processor needs beyond the core install: a video processor (Qwen-VL, LLaVA-OneVision,
+    InternVL) that transformers makes with torchvision; SmolVLM's num2words."""
     import pytest
 
     video = name.startswith("Qwen") or name in ("LLaVA-OneVision", "InternVL")  # video processors: torchvision
     missing = video and importlib.util.find_spec("torchvision") is None
-    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)")]
+    words = name == "SmolVLM" and importlib.util.find_spec("num2words") is None  # the `test` extra installs it
+    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)"),
+            pytest.mark.skipif(words, reason="SmolVLM's processor needs num2words (pip install num2words)")]
 
 
 def save_folder(path: Path, family_name: str, seed: int = 0) -> Path:
