@@ -6,7 +6,7 @@ BLIP-2, InstructBLIP and PaliGemma, which have none by design: ``PLAIN``). One f
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 from pathlib import Path
 
 from vlm_families import BY_NAME, END, FIRST_WORD, IMAGE, START, V, VIDEO
@@ -236,16 +236,24 @@ PROCESSORS = {"Qwen2-VL": qwen2_vl_processor, "LLaVA-1.5": llava_processor, "Gem
 PLAIN = ("BLIP-2", "InstructBLIP", "PaliGemma")  # no chat template by design: regap_fast.eval.hf_gap.PLAIN
 
 
+@functools.cache
+def _why_unbuildable(name: str) -> str | None:
+    """None when the family's processor builds here, else the first line of the ImportError it raises."""
+    try:
+        PROCESSORS[name]()
+    except ImportError as exc:
+        return str(exc).strip().splitlines()[0]
+    return None
+
+
 def needs(name):
-    """Skips for what a processor needs beyond the core install: a video processor (Qwen-VL, LLaVA-OneVision,
-    InternVL) that transformers makes with torchvision; SmolVLM's num2words."""
+    """Skips for what a processor needs beyond the core install, found by building it: a video processor
+    (Qwen-VL, LLaVA-OneVision, InternVL) or Pixtral's processor (transformers < 5.21) that transformers makes
+    with torchvision; SmolVLM's num2words (the `test` extra installs it)."""
     import pytest
 
-    video = name.startswith("Qwen") or name in ("LLaVA-OneVision", "InternVL")  # video processors: torchvision
-    missing = video and importlib.util.find_spec("torchvision") is None
-    words = name == "SmolVLM" and importlib.util.find_spec("num2words") is None  # the `test` extra installs it
-    return [pytest.mark.skipif(missing, reason=f"{name}'s processor needs torchvision (its video processor)"),
-            pytest.mark.skipif(words, reason="SmolVLM's processor needs num2words (pip install num2words)")]
+    why = _why_unbuildable(name)
+    return [pytest.mark.skipif(why is not None, reason=f"{name}'s processor cannot be built here: {why}")]
 
 
 def save_folder(path: Path, family_name: str, seed: int = 0) -> Path:
