@@ -313,32 +313,38 @@ WORDS = ["unsafe", "safe", "S1", "S2", "task", "check", "the", "last", "agent", 
          "verdict", "how", "do", "i", "make", "a", "cake", "sure", "here", "is", "sorry", "no"]
 
 
-def make_guard(path, unsafe_first: bool, constant_output: bool):
-    """A tiny Llama + word-level tokenizer saved to ``path``. With ``constant_output`` every logit is
-    zero (final norm weight 0), so greedy decoding emits token id 0: "unsafe" or "safe"."""
+def _save_tiny_word_model(path, words: list, model_class: str, zero_output: bool, **config):
+    """A tiny Llama of ``model_class`` (transformers' name) with a word-level tokenizer over ``words``, saved
+    to ``path``. ``zero_output``: final norm weight 0, so every logit (or score) is 0."""
     import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    words = (["unsafe", "safe"] if unsafe_first else ["safe", "unsafe"]) + WORDS[2:]
     vocab = {w: i for i, w in enumerate(words + ["<unk>", "<s>", "</s>", "<pad>"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
-    tok.chat_template = GUARD_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5,  # varied outputs from random weights
-                         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    tok.chat_template = config.pop("chat_template", None)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    if constant_output:
+    model = getattr(transformers, model_class)(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.5,  # varied outputs from random weights
+        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"], **config))
+    if zero_output:
         with torch.no_grad():
             model.model.norm.weight.zero_()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def make_guard(path, unsafe_first: bool, constant_output: bool):
+    """A tiny Llama + word-level tokenizer saved to ``path``. With ``constant_output`` every logit is
+    zero (final norm weight 0), so greedy decoding emits token id 0: "unsafe" or "safe"."""
+    words = (["unsafe", "safe"] if unsafe_first else ["safe", "unsafe"]) + WORDS[2:]
+    return _save_tiny_word_model(path, words, "LlamaForCausalLM", constant_output, chat_template=GUARD_TEMPLATE)
 
 
 # three of Beaver-dam's 14 category names, commas included as it spells them
@@ -350,26 +356,7 @@ BEAVER_WORDS = ["BEGINNING", "OF", "CONVERSATION:", "USER:", "ASSISTANT:", "how"
 def make_beaverdam(path, constant: bool = False):
     """A tiny LlamaForSequenceClassification, multi-label over BEAVER_CATEGORIES, with a word-level tokenizer.
     ``constant``: final norm weight 0, so every logit is 0 and every probability 0.5."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(BEAVER_WORDS + ["<unk>", "<s>", "</s>", "<pad>"])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         initializer_range=0.5, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
-                         num_labels=len(BEAVER_CATEGORIES), problem_type="multi_label_classification",
-                         id2label=dict(enumerate(BEAVER_CATEGORIES)),
-                         label2id={c: i for i, c in enumerate(BEAVER_CATEGORIES)})
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    if constant:
-        with torch.no_grad():
-            model.model.norm.weight.zero_()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return _save_tiny_word_model(path, BEAVER_WORDS, "LlamaForSequenceClassification", constant,
+                                 num_labels=len(BEAVER_CATEGORIES), problem_type="multi_label_classification",
+                                 id2label=dict(enumerate(BEAVER_CATEGORIES)),
+                                 label2id={c: i for i, c in enumerate(BEAVER_CATEGORIES)})

@@ -92,13 +92,19 @@ def gaps_by_hand(folder, name, root, rows=None):
     return gaps
 
 
-@pytest.mark.parametrize("name", FOLDERS)
-def test_gap_of_a_transformers_folder_is_the_gap_at_its_llm_input(name, tmp_path, capsys):
+def run_gap(name, tmp_path, *flags):
+    """`regap-fast gap` on a tiny folder of the family and the pairs; returns (folder, out)."""
     folder = save_folder(tmp_path / "model", name)
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "out"
     assert main(["gap", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "3",
-                 "--no-progress"]) == 0
+                 "--no-progress", *flags]) == 0
+    return folder, out
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_gap_of_a_transformers_folder_is_the_gap_at_its_llm_input(name, tmp_path, capsys):
+    folder, out = run_gap(name, tmp_path)
     assert "per-sample gap: mean" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "gap_samples.csv").read_text().splitlines()))
     assert [r["id"] for r in rows] == [f"p{i}" for i in range(len(CAPTIONS))]
@@ -113,11 +119,7 @@ def test_gap_of_a_transformers_folder_is_the_gap_at_its_llm_input(name, tmp_path
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_mir_of_a_transformers_folder_is_the_published_procedure_on_its_hidden_states(name, tmp_path, capsys):
-    folder = save_folder(tmp_path / "model", name)
-    data = write_pairs(tmp_path / "data")
-    out = tmp_path / "out"
-    assert main(["gap", str(folder), "--data", str(data), "--out", str(out), "--batch-size", "3",
-                 "--no-progress", "--metric", "both"]) == 0
+    folder, out = run_gap(name, tmp_path, "--metric", "both")
     assert "MIR: " in capsys.readouterr().out
     rows = {}
     gaps_by_hand(folder, name, tmp_path / "data", rows)
@@ -130,7 +132,8 @@ def test_mir_of_a_transformers_folder_is_the_published_procedure_on_its_hidden_s
     assert [r["layer"] for r in result["mir"]["per_layer"]] == [k + 1 for k in layers]
     assert "gap" in result and (out / "mir.png").is_file() and (out / "gap.png").is_file()
     # MIR alone: no L2 numbers, the same MIR
-    assert main(["gap", str(folder), "--data", str(data), "--out", str(tmp_path / "mir"), "--metric", "mir",
+    pairs = tmp_path / "data" / "pairs.json"
+    assert main(["gap", str(folder), "--data", str(pairs), "--out", str(tmp_path / "mir"), "--metric", "mir",
                  "--no-progress"]) == 0
     alone = json.loads((tmp_path / "mir" / "gap.json").read_text())
     assert "gap" not in alone and alone["mir"]["value"] == pytest.approx(result["mir"]["value"], rel=1e-6)

@@ -99,30 +99,29 @@ def llava_next_processor():
                               chat_template=CHAT.replace("IMAGE", "<image>"))
 
 
-def idefics3_processor():
-    """Idefics3's processor, one 32 x 32 image without splitting: 4 tokens after the pixel shuffle."""
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
-
+def _idefics_layout(image_processor_class, processor_class, **more):
+    """Idefics3's layout (and SmolVLM's): one 32 x 32 image without splitting, 4 tokens after the pixel shuffle."""
     tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
                                {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
                                 "global_image_token": "<global-img>"})
-    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
-                                       max_image_size={"longest_edge": 32})
-    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
-                             chat_template=CHAT.replace("IMAGE", "<image>"))
+    images = image_processor_class(do_image_splitting=False, size={"longest_edge": 32},
+                                   max_image_size={"longest_edge": 32})
+    return processor_class(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                           chat_template=CHAT.replace("IMAGE", "<image>"), **more)
+
+
+def idefics3_processor():
+    """Idefics3's processor."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    return _idefics_layout(Idefics3ImageProcessorPil, Idefics3Processor)
 
 
 def smolvlm_processor():
-    """SmolVLM's processor (Idefics3's layout; it needs num2words), one 32 x 32 image without splitting."""
+    """SmolVLM's processor (Idefics3's layout; it needs num2words)."""
     from transformers import SmolVLMImageProcessorPil, SmolVLMProcessor, SmolVLMVideoProcessor
 
-    tokenizer = word_tokenizer({"<image>": IMAGE, "<fake_token_around_image>": START, "<global-img>": END},
-                               {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                                "global_image_token": "<global-img>"})
-    images = SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
-                                      max_image_size={"longest_edge": 32})
-    return SmolVLMProcessor(image_processor=images, video_processor=SmolVLMVideoProcessor(), tokenizer=tokenizer,
-                            image_seq_len=4, chat_template=CHAT.replace("IMAGE", "<image>"))
+    return _idefics_layout(SmolVLMImageProcessorPil, SmolVLMProcessor, video_processor=SmolVLMVideoProcessor())
 
 
 def qwen3_vl_processor():
