@@ -204,10 +204,49 @@ def test_recipe_matrix(family_name, recipe):
     run_cell(family_name, recipe)
 
 
-def test_qlora_style_frozen_quantised_base():
+def test_qlora_style_frozen_quantised_base(tmp_path):
+    """QLoRA: the base loaded in 4 bits (projector included: the fused path steps aside), LoRA on the LM."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (its CPU build is optional); QLoRA's "
                                                "4-bit base needs it")
-    from transformers import BitsAndBytesConfig  # noqa: F401  (exercised where bitsandbytes exists)
+    import transformers
+    from peft import prepare_model_for_kbit_training
+
+    from regap_fast.integrations.transformers import apply_regap
+
+    family = BY_NAME["LLaVA-1.5"]
+    base = family.build(seed=1)
+    base.save_pretrained(tmp_path)
+    # bitsandbytes' CPU kernels need out_features % 32 == 0: the tiny model's narrower layers stay unquantised
+    narrow = [n for n, m in base.named_modules() if isinstance(m, nn.Linear) and m.out_features % 32]
+    quantised = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=narrow)
+
+    def qlora(patch: bool):
+        model = getattr(transformers, family.cls).from_pretrained(tmp_path, quantization_config=quantised,
+                                                                   device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = apply_regap(model, regap_weight=WEIGHT) if patch else model
+        return _lora(model, ["q_proj", "v_proj"])
+
+    model, vanilla = qlora(True), qlora(False)
+    theirs = dict(vanilla.named_parameters())
+    with torch.no_grad():  # the same adapters (PEFT draws A at random)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                theirs[name].copy_(p)
+    four_bit = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert any("q_proj" in n for n in four_bit) and any("multi_modal_projector" in n for n in four_bit), four_bit
+    batch, image_pos, caption = make_batch(family)
+    out = model(**batch)
+    want, gap = hand_loss(vanilla, family, batch, batch, image_pos, caption)
+    torch.testing.assert_close(out.regap_gap.double(), gap, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    want.backward()
+    lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n, _ in lora)
+    for name, p in lora:
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------
