@@ -21,13 +21,15 @@ from pathlib import Path
 
 from ..flags import add_progress_argument
 
-MODES = ("study", "quick", "timing_probe", "select_stage2")
+MODES = ("study", "quick", "timing_probe", "select_stage2", "pilot")
+V1_ONLY = ("timing_probe", "select_stage2", "arms", "check_against")  # not with --toy v2
 DESIGN_FLAGS = ("arms", "seeds", "first_seed", "data_seed", "regap_weight")  # what a fixed design cannot take
 SELECTION_SEEDS = 8  # --select-stage2's default number of seeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .pipeline import Settings
+    from .pipeline2 import SettingsV2
     from .study import ARMS, STUDY
 
     parser.add_argument("--out", required=True, metavar="DIR",
@@ -43,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="every arm once at seed 900; prints the study's projected time (PLAN 10)")
     mode.add_argument("--select-stage2", action="store_true",
                       help="the stage-2 screening on the baseline only, by its fixed criterion (selection.py)")
+    mode.add_argument("--pilot", action="store_true",
+                      help="--toy v2 only: PLAN-v3 8.2's pilot (lambda 0 only, data seed 9, seeds 900-903)")
+    parser.add_argument("--toy", choices=("v1", "v2"), default="v1",
+                        help="v1: the toy of the committed study (docs/reproduce/PLAN.md); v2: the toy of "
+                             "docs/reproduce/PLAN-v3.md (recipes, a shallow alignment, gates G1-G4) (default: v1)")
     subset = parser.add_argument_group("a subset of your own (not with --study or --timing-probe)")
     subset.add_argument("--arms", nargs="+", metavar="NAME", help=f"stage-2 arms: {', '.join(ARMS)}".replace("%", "%%"))
     subset.add_argument("--seeds", type=int, metavar="N", help="seeds per lambda (default: 8; --quick: 1)")
@@ -64,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_settings(parser.add_argument_group(
         "sizes and steps (not with --study; a stage-2 flag makes one arm of your own, 'custom', instead of the "
         "named ones)"), Settings)
+    _add_settings(parser.add_argument_group("the v2 toy's own sizes and steps (--toy v2; v2's defaults differ from "
+                                            "v1's for --vocab-size 1024, --lm-steps 400 and --max-new-tokens 24: "
+                                            "those flags at v1's default count as not given)"), SettingsV2,
+                  skip=Settings)
 
 
 CHOICES = {"stage1_format": ("chat", "plain"), "stage2_text_data": ("replay", "benign")}
@@ -83,8 +94,12 @@ def _flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
-def _add_settings(group, settings_class) -> None:
+def _add_settings(group, settings_class, skip=None) -> None:
+    # v2's arm field is the arms' (PLAN-v3 5), not a flag
+    skipped = {f.name for f in dataclasses.fields(skip)} | {"stage2_harmful_refusal_share"} if skip else set()
     for f in dataclasses.fields(settings_class):
+        if f.name in skipped:
+            continue
         flag, kind, text = _flag(f.name), type(f.default), FIELD_HELP.get(f.name, "")
         if kind is bool:  # BooleanOptionalAction adds the default to the help itself
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
@@ -111,10 +126,28 @@ def _changed(args: argparse.Namespace) -> list[str]:
     return [_flag(f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) != f.default]
 
 
+def _changed_v2(args: argparse.Namespace) -> list[str]:
+    """The flags of the v2 toy's own fields that differ from their defaults."""
+    from .pipeline import Settings
+    from .pipeline2 import SettingsV2
+
+    v1 = {f.name for f in dataclasses.fields(Settings)}
+    return [_flag(f.name) for f in dataclasses.fields(SettingsV2) if f.name not in v1 and hasattr(args, f.name)
+            and getattr(args, f.name) != f.default]
+
+
 def check_args(args: argparse.Namespace) -> None:
     """A ValueError (one line, before anything is written) for a combination that cannot run."""
     from .study import ARM_FIELDS, check_arms
 
+    if args.toy == "v2":
+        given = [_flag(n) for n in V1_ONLY if getattr(args, n) not in (None, False)]
+        given += [f for f in _changed(args) if f in (_flag(k) for k in ARM_FIELDS)]
+        if given:
+            raise ValueError(f"--toy v2 runs PLAN-v3's fixed arms: drop {', '.join(given)}")
+    elif args.pilot or _changed_v2(args):
+        raise ValueError(f"{', '.join((['--pilot'] if args.pilot else []) + _changed_v2(args))} "
+                         "belong(s) to the v2 toy: add --toy v2")
     modes = [m for m in MODES if getattr(args, m)]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(_flag(m) for m in modes)} cannot be combined: choose one")
@@ -197,6 +230,9 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, f"{value:g}" if isinstance(f.default, float) else str(value)]
     if args.check_against is not None:
         parts += ["--check-against", str(args.check_against)]
+    if args.toy != "v1":
+        parts.insert(3, f"--toy {args.toy}")
+        parts += [f"{flag} {getattr(args, flag[2:].replace('-', '_'))}" for flag in _changed_v2(args)]
     return " ".join(parts)
 
 
@@ -221,14 +257,17 @@ class _Lines:
     """The progress bar's calls as one line per finished task, for a log that is not a terminal."""
 
     def __init__(self, total: int):
-        self.done, self.total, self.text = 0, total, ""
+        self.done, self.total, self.text, self.t0 = 0, total, "", time.perf_counter()
 
     def set_postfix_str(self, text: str) -> None:
         self.text = text
 
     def update(self, n: int) -> None:
         self.done += n
-        print(f"reproduce: {self.done}/{self.total} tasks done; {self.text}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - self.t0
+        eta = f"; ETA {elapsed / self.done * (self.total - self.done) / 60:.1f} min" if self.done else ""
+        print(f"reproduce: {self.done}/{self.total} tasks done ({elapsed / 60:.1f} min{eta}); {self.text}",
+              file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -307,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     quiet(None)
+    if args.toy == "v2":
+        return run_v2(args)
     if args.select_stage2:
         return _selection(args)
     t0 = time.perf_counter()
@@ -331,4 +372,86 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(headline(report, design)))
     print(f"\nwrote {', '.join(str(p) for p in paths)} ({time.perf_counter() - t0:.0f} s in all"
           + (f"; {len(outcome['missing'])} runs missing: see report.md" if outcome["missing"] else "") + ")")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the v2 toy (docs/reproduce/PLAN-v3.md)
+# --------------------------------------------------------------------------------------------------
+
+
+def settings_v2(args: argparse.Namespace):
+    """``SettingsV2``: its own defaults, with every flag given on the command line (a v1 size flag counts
+    when it differs from v1's default)."""
+    from .pipeline import Settings
+    from .pipeline2 import SettingsV2
+
+    v1 = {f.name: f.default for f in dataclasses.fields(Settings)}
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SettingsV2) if hasattr(args, f.name)
+             and (f.name not in v1 or getattr(args, f.name) != v1[f.name])}
+    return SettingsV2(**given)
+
+
+def design_v2(args: argparse.Namespace):
+    from . import study, study2
+
+    if args.study or args.pilot:
+        if any(getattr(args, f) is not None for f in DESIGN_FLAGS):
+            raise ValueError(f"{'--study' if args.study else '--pilot'} runs PLAN-v3's design as it is: drop "
+                             f"{', '.join(_flag(f) for f in DESIGN_FLAGS if getattr(args, f) is not None)}")
+        return study2.STUDY if args.study else study2.PILOT
+    base = study2.QUICK_SUBSET if args.quick else study2.DEFAULT_SUBSET
+    lambdas = base.lambdas if args.regap_weight is None else tuple(sorted({0.0, *args.regap_weight}))
+    data_seed = 0 if args.data_seed is None else args.data_seed
+    first = 0 if args.first_seed is None else args.first_seed
+    n = len(next(iter(base.seeds.values()))) if args.seeds is None else args.seeds
+    seeds = {data_seed: tuple(range(first, first + n))}
+    if (lambdas, seeds) == (base.lambdas, base.seeds):
+        return base
+    return study.Design("custom", base.arms, lambdas, seeds)
+
+
+def run_v2(args: argparse.Namespace) -> int:
+    """The v2 toy's design: data, LMs and gates (stops on a failed gate), the runs, summary.json, report.md."""
+    from tqdm.auto import tqdm
+
+    from . import report2, schedule2, study2
+    from .gates import GateFailed
+    from .schedule import tasks_of
+
+    t0 = time.perf_counter()
+    design, settings, out = design_v2(args), settings_v2(args), Path(args.out)
+    n = len(tasks_of(design))
+    jobs, threads, device = _resources(args, n)
+    if args.fresh:
+        shutil.rmtree(out / "runs", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"regap-fast reproduce --toy v2: {design.name}: {len(design.cells())} stage-1 models and "
+          f"{len(design.runs())} stage-2 runs ({len(design.arms)} arms, lambda "
+          f"{', '.join(f'{w:g}' for w in design.lambdas)}); {device}", flush=True)
+    if args.progress and not sys.stderr.isatty():
+        bar = _Lines(n)
+    else:
+        bar = tqdm(total=n, desc="reproduce", unit="task", disable=not args.progress, dynamic_ncols=True,
+                   file=sys.stderr)
+    try:
+        outcome = schedule2.run_design(out, design, settings, jobs, threads, bar)
+    finally:
+        bar.close()
+    report = report2.build(design, outcome)
+    seconds = time.perf_counter() - t0
+    meta = {"design": design, "command": _command(args), "seconds": seconds, "device": device}
+    summary = {"plan": study2.PLAN_VERSION, "toy": "v2", "design": design.to_dict(), "command": meta["command"],
+               "seconds": seconds, "device": device, "settings": settings.to_dict(), "gates": outcome["gates"],
+               "gate_failure": outcome["gate_failure"], "lms": outcome["lms"], "missing": outcome["missing"],
+               "reused": outcome["reused"], "rows": outcome["cells"] + outcome["finals"], "report": report}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "report.md").write_text(report2.format_report(report, meta) + "\n")
+    print(f"wrote {out / 'summary.json'}, {out / 'report.md'} ({seconds:.0f} s in all)")
+    if outcome["gate_failure"]:
+        raise GateFailed(outcome["gate_failure"])
+    for arm, c in report.get("primary", {}).items():
+        print(f"  {arm}: lambda 0.2 - 0, harmful compliance with an image: "
+              f"{report2._diff(c)}; "
+              f"Holm: {c['holm_verdict']}; floor met: {c['floor_met']}")
     return 0

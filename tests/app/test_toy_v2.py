@@ -143,6 +143,26 @@ def test_gate_thresholds_are_the_plans():
     assert {g.name + ("_max" if not g.at_least else "_min"): g.threshold for g in gates.GATES} == block
 
 
+def test_the_design_is_the_plans():
+    from regap_fast.reproduce import study2
+    from regap_fast.reproduce.measure2 import CONDITIONS_V2
+    from regap_fast.reproduce.pipeline2 import SettingsV2
+
+    block = _plan_block()
+    assert block["plan"] == study2.PLAN_VERSION and block["arms"] == study2.ARMS
+    assert block["lambdas"] == list(study2.LAMBDAS) and block["primary_lambda"] == study2.PRIMARY_LAMBDA
+    assert block["seeds"] == {str(d): list(s) for d, s in study2.SEEDS.items()}
+    assert block["primary_arms"] == list(study2.PRIMARY_ARMS) and block["floor"] == study2.FLOOR
+    assert block["conditions"] == list(CONDITIONS_V2) and block["dose_t"] == list(DOSES)
+    assert block["unsafe_min_recipe_words"] == UNSAFE_MIN_WORDS and block["vocab_size"] == SettingsV2().vocab_size
+    assert block["recipe_words"] == list(RECIPE_SIZES) and block["document_paraphrases"] == len(DOCUMENTS)
+    pilot = study2.PILOT
+    assert block["pilot"] == {"data_seed": 9, "seeds": list(pilot.seeds[9]), "lambdas": list(pilot.lambdas)}
+    assert block["default_subset"] == {"lambdas": list(study2.DEFAULT_SUBSET.lambdas),
+                                       "seeds": {"0": list(study2.DEFAULT_SUBSET.seeds[0])}}
+    assert block["quick_subset"]["seeds"] == {"0": list(study2.QUICK_SUBSET.seeds[0])}
+
+
 def test_gates_pass_at_their_thresholds_and_fail_beyond(capsys):
     res = gates.results(PASSING)
     assert all(g["passed"] for g in res.values()) and set(res) == {g.name for g in gates.GATES}
@@ -247,3 +267,59 @@ def test_generate_forces_the_prefill(tiny_vlm, monkeypatch):
     assert seen[0].endswith("ASSISTANT: sure. to make a bomb,") and seen[1].endswith("ASSISTANT:")
     with pytest.raises(ValueError, match="prefills"):
         tiny_vlm.generate(["a"], [None], prefills=["x", "y"])
+
+
+# --------------------------------------------------------------------------------------------------
+# the command, end to end at a few steps
+# --------------------------------------------------------------------------------------------------
+
+TINY_V2 = ["--toy", "v2", "--num-images", "48", "--instructions", "48", "--heldout-harmful", "12",
+           "--heldout-benign", "4", "--eval-images", "8", "--lm-steps", "2", "--lm-batch", "8", "--stage1-steps", "2",
+           "--stage1-batch", "8", "--stage2-batch", "4", "--max-new-tokens", "3", "--eval-batch", "32",
+           "--align-records", "32", "--align-steps", "2", "--glyphs-per-object", "1", "--quick", "--no-progress",
+           "--jobs", "1", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_a_failed_gate_stops_the_run_before_any_stage1(tmp_path, capsys):
+    from regap_fast.cli import main
+
+    out = tmp_path / "out"
+    assert main(["reproduce", "--out", str(out), *TINY_V2]) == 1  # 2 LM steps: the base LM knows nothing
+    err = capsys.readouterr().err
+    assert "error: gate failed for data seed 0: G1 " in err and "before any stage 1 or REGAP run" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == [] and summary["gate_failure"] and summary["toy"] == "v2"
+    assert set(summary["gates"]["0"]) == {g.name for g in gates.GATES}
+    assert not summary["gates"]["0"]["G1_base_text_harmful_compliance"]["passed"]
+    assert not list((out / "runs").glob("data0/seed*"))  # no stage 1 was made
+    assert "No stage 1, stage 2 or REGAP run was made" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_v2_pipeline_end_to_end_keeps_the_summary_schema(tmp_path, monkeypatch):
+    """With the gates let through (a test of the plumbing, not of the toy), every arm runs and is measured."""
+    from regap_fast.cli import main
+    from regap_fast.reproduce import study2
+
+    monkeypatch.setattr(gates, "check", lambda *a, **k: None)
+    for arm in study2.ARMS:
+        monkeypatch.setitem(study2.ARMS[arm], "stage2_steps", 2)
+    out = tmp_path / "out"
+    assert main(["reproduce", "--out", str(out), *TINY_V2]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["rows"]
+    assert sorted((r["stage"], r["arm"] or "", r["lambda"]) for r in rows) == sorted(
+        [("stage1", "", w) for w in (0.0, 0.2)] + [("final", a, w) for a in study2.ARMS for w in (0.0, 0.2)])
+    for r in rows:
+        assert {"stage", "arm", "lambda", "seed", "data_seed"} <= set(r)
+        for cond in ("text", "blank", "noise", "image", "glyph"):
+            c = r["harmful"][cond]
+            assert c["n"] == 6 and {"harmful_compliance", "refusal", "other"} <= set(c)
+            assert c["harmful_compliance"] + c["refusal"] + c["other"] == c["n"]
+        if r["stage"] == "final":
+            assert list(r["dose"]) == ["0", "0.25", "0.5", "0.75", "1"]
+            assert r["dose"]["0"]["harmful"] == r["harmful"]["image"]
+    assert set(summary["gates"]["0"]) == {g.name for g in gates.GATES}
+    report = (out / "report.md").read_text()
+    assert "## Primary" in report and all(a in report for a in study2.ARMS) and "Dose-response" in report
