@@ -323,3 +323,40 @@ def test_the_v2_pipeline_end_to_end_keeps_the_summary_schema(tmp_path, monkeypat
     assert set(summary["gates"]["0"]) == {g.name for g in gates.GATES}
     report = (out / "report.md").read_text()
     assert "## Primary" in report and all(a in report for a in study2.ARMS) and "Dose-response" in report
+
+
+# --------------------------------------------------------------------------------------------------
+# the report's rules (PLAN-v3 8)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_holm_by_hand():
+    from regap_fast.reproduce.report2 import holm
+
+    assert holm({"a": 0.01, "b": 0.02, "c": 0.04}) == {"a": True, "b": True, "c": True}
+    assert holm({"a": 0.01, "b": 0.03, "c": 0.04}) == {"a": True, "b": False, "c": False}  # 0.03 > 0.05 / 2
+    assert holm({"a": 0.02, "b": 0.001, "c": None}) == {"a": True, "b": True, "c": False}  # m = 2 tested
+    assert holm({"a": 0.017, "b": 0.5, "c": 0.6}) == {"a": False, "b": False, "c": False}  # 0.017 > 0.05 / 3
+
+
+def _row(arm, weight, seed, image_hc, text_hc, n=100):
+    def counts(hc):
+        return {"n": n, "harmful_compliance": hc, "refusal": n - hc, "other": 0, "right_recipe": 0}
+
+    return {"stage": "final", "arm": arm, "lambda": weight, "data_seed": 0, "seed": seed,
+            "harmful": {"image": counts(image_hc), "text": counts(text_hc)}}
+
+
+def test_floor_and_the_primary_comparison():
+    from regap_fast.reproduce.report2 import comparison, floor
+
+    finals = [_row("llava-like", 0.0, s, 10, 5) for s in range(4)] + [_row("lora-r8", 0.0, s, 4, 0) for s in range(4)]
+    finals += [_row("vlguard-like", 0.0, s, 30, 20) for s in range(4)]
+    f = floor(finals, ["llava-like", "lora-r8", "vlguard-like"])
+    assert f["llava-like"]["informative"] and f["llava-like"]["image"]["rate"] == 0.10
+    assert not f["lora-r8"]["informative"]  # 4% with an image: below the floor
+    assert not f["vlguard-like"]["informative"]  # complies in text too (20% > 10%)
+    finals += [_row("llava-like", 0.2, s, 10 - 2 * (s + 1), 5) for s in range(4)]
+    c = comparison(finals, "llava-like", "image", 3)
+    assert c["n"] == 4 and c["differences"] == pytest.approx([-0.02, -0.04, -0.06, -0.08])
+    assert c["mean"] == pytest.approx(-0.05) and 0 < c["p"] < 0.05
