@@ -262,6 +262,11 @@ class _Lines:
     def set_postfix_str(self, text: str) -> None:
         self.text = text
 
+    def reset(self, total: int | None = None) -> None:
+        """The clock starts again (tqdm's reset): the ETA counts from the first task, not the LMs' training."""
+        self.done, self.t0 = 0, time.perf_counter()
+        self.total = self.total if total is None else total
+
     def update(self, n: int) -> None:
         self.done += n
         elapsed = time.perf_counter() - self.t0

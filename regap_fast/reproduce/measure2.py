@@ -8,6 +8,8 @@
 * the dose-response: the harmful (and benign) requests under the image condition with the image tokens
   moved by t x the mean-gap direction, t in ``dose.DOSES`` (t = 0 is the image condition itself);
 * image-question accuracy on the held-out images;
+* the gap-safety relation within the model: over the held-out harmful requests under the image
+  condition, Pearson's r between the request's image's input gap and its compliance (0 / 1);
 * ``answers.jsonl``: every answer with its condition, object and label.
 """
 
@@ -17,7 +19,8 @@ import json
 from pathlib import Path
 
 from .dose import DOSES, gap_direction, shifted_images
-from .judge2 import RecipeJudge
+from ..eval.stats import correlation
+from .judge2 import HARMFUL_COMPLIANCE, RecipeJudge
 from .language import IMAGE_QUESTIONS, scene_of
 from .language2 import glyph_request_text
 from .measure import gaps_by_condition
@@ -74,6 +77,10 @@ def measure_model(model_dir: Path, out_dir: Path, s, data, seed: int, dose: bool
         return judge.count([r.obj for r in requests], answers)
 
     harmful = {c: ask("harmful", c, data.harmful_requests) for c in CONDITIONS_V2}
+    image_labels = [a["label"] for a in log if a["kind"] == "harmful" and a["condition"] == "image"]
+    per_image = pair_gaps(vlm, held, [p.caption for p in pairs], s.eval_batch)
+    gap_safety = correlation([per_image[i % len(held)] for i in range(len(image_labels))],
+                             [float(label == HARMFUL_COMPLIANCE) for label in image_labels])
     benign = {c: ask("benign", c, data.benign_requests) for c in CONDITIONS_V2}
     doses = {}
     if dose:
@@ -94,4 +101,19 @@ def measure_model(model_dir: Path, out_dir: Path, s, data, seed: int, dose: bool
             f.write(json.dumps(row) + "\n")
     (out_dir / "gaps.json").write_text(json.dumps(gaps, indent=1) + "\n")
     return {"gap": gaps, "harmful": harmful, "benign": benign, "dose": doses,
-            "image_questions": {"n": len(pairs), "right": right}}
+            "image_questions": {"n": len(pairs), "right": right},
+            "gap_safety": {"n": gap_safety["n"], "r": (gap_safety["pearson"] or {}).get("r"),
+                           "note": gap_safety.get("note")}}
+
+
+def pair_gaps(vlm, images, captions, batch_size: int) -> list[float]:
+    """Each pair's input gap: the norm of its mean image token minus its mean caption token (``measure_gap``'s)."""
+    import torch
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        e = vlm.pair_embeddings(images[start:start + batch_size], captions[start:start + batch_size])
+        mask = e["text_mask"].unsqueeze(-1).float()
+        mu_text = (e["text_embeds"].float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+        out += torch.linalg.vector_norm(e["image_embeds"].float().mean(1) - mu_text, dim=-1).tolist()
+    return out

@@ -3,8 +3,8 @@
 Every arm at every lambda under every condition (harmful compliance, refusal, other, with the benign
 right-recipe rate beside), the floor (8.3), the primary family (P1-P3: lambda 0.2 minus 0, image
 condition, paired by (data seed, seed), Holm over the three; Bonferroni-adjusted intervals beside),
-projector-only and stage 1 likewise (secondary), the dose-response along the gap direction, the gaps of
-both stages, utility and the gates.
+projector-only and stage 1 likewise (secondary), the dose-response along the gap direction, the
+within-arm gap-compliance relation, the gaps of both stages, utility and the gates.
 """
 
 from __future__ import annotations
@@ -115,6 +115,15 @@ def gaps(rows: list[dict]) -> dict:
     return {"input": math.fsum(inputs) / len(inputs), "per_layer": [math.fsum(v) / len(v) for v in layers]}
 
 
+def within(rows: list[dict]) -> dict:
+    """PLAN-v3 7: the per-model r of gap and compliance (image condition), pooled as the mean Fisher z over
+    models with its t interval (the model, i.e. the seed, is the unit), back-transformed."""
+    rs = [r["gap_safety"]["r"] for r in rows if r.get("gap_safety", {}).get("r") is not None]
+    z = mean_interval([math.atanh(max(-0.999999, min(0.999999, x))) for x in rs])
+    back = {k: None if z[k] is None else math.tanh(z[k]) for k in ("mean", "low", "high")}
+    return {"models": len(rows), "defined": len(rs), **back}
+
+
 def build(design, outcome: dict) -> dict:
     """Everything the report prints, from the design and ``schedule2.run_design``'s outcome."""
     cells, finals = outcome["cells"], outcome["finals"]
@@ -125,7 +134,8 @@ def build(design, outcome: dict) -> dict:
                         for w in design.lambdas}
     report["arms"] = {arm: {f"{w:g}": {"table": table(_select(finals, arm, w)), "gaps": gaps(_select(finals, arm, w)),
                                        "dose": dose(finals, arm, w),
-                                       "image_questions": _questions(_select(finals, arm, w))}
+                                       "image_questions": _questions(_select(finals, arm, w)),
+                                       "within": within(_select(finals, arm, w))}
                             for w in design.lambdas} for arm in design.arms}
     report["floor"] = floor(finals, design.arms)
     if study2.PRIMARY_LAMBDA in design.lambdas and 0.0 in design.lambdas:
@@ -247,8 +257,16 @@ def format_report(report: dict, meta: dict) -> str:
         lines += [f"| {k} | {c['n']} | {_diff(c)} |" for k, c in report["secondary"].items()]
         lines += ["", "Stage 1, lambda 0.2 minus 0: " + "; ".join(f"{c}: {_diff(v)}"
                                                                for c, v in report["stage1_effect"].items())]
-    lines += ["", "Not computed in this version: the within-arm gap-safety relation per image (PLAN-v3 7, "
-                  "secondary).", ""]
+    lines += ["", "## Gap and compliance within arm (PLAN-v3 7): per model, r over held-out harmful requests "
+                  "(image condition) between the image's input gap and compliance; mean over models (Fisher z)", "",
+              "| arm | lambda | models with r defined | mean r [95%] |", "| --- | --- | --- | --- |"]
+    for arm, by_w in report["arms"].items():
+        for w, a in by_w.items():
+            m = a["within"]
+            ci = "" if m["low"] is None else f" [{m['low']:+.2f}, {m['high']:+.2f}]"
+            mean = "-" if m["mean"] is None else f"{m['mean']:+.2f}{ci}"
+            lines.append(f"| {arm} | {w} | {m['defined']} / {m['models']} | {mean} |")
+    lines += ["", "r is undefined for a model that complies with all or none of the requests.", ""]
     if report["missing"]:
         lines += ["## Missing runs", ""] + [f"- {m['task']}: {m['error']}" for m in report["missing"]]
     return "\n".join(lines)

@@ -126,6 +126,7 @@ def run_design(out: Path, design: study.Design, base: pipeline2.SettingsV2, jobs
     runner = Runner([t for t in todo if t not in done], lambda t: (str(root), settings[t], datas[(t.data_seed, t.arm)]),
                     costs, jobs, threads, on_done, fn=run_task)
     runner.rows.update(done)
+    bar.reset(total=len(todo))  # the ETA counts from here, not from the LMs' training
     if done:
         bar.update(len(done))
     try:

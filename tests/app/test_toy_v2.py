@@ -360,3 +360,26 @@ def test_floor_and_the_primary_comparison():
     c = comparison(finals, "llava-like", "image", 3)
     assert c["n"] == 4 and c["differences"] == pytest.approx([-0.02, -0.04, -0.06, -0.08])
     assert c["mean"] == pytest.approx(-0.05) and 0 < c["p"] < 0.05
+
+
+def test_per_pair_gaps_are_measure_gaps(tiny_vlm):
+    from regap_fast.eval import Pair, measure_gap
+    from regap_fast.reproduce.measure2 import pair_gaps
+
+    images, captions = _pairs()
+    ours = pair_gaps(tiny_vlm, images, captions, batch_size=4)
+    theirs = measure_gap(tiny_vlm, [Pair(str(i), im, c) for i, (im, c) in enumerate(zip(images, captions))],
+                         batch_size=4, per_layer=False, progress=False)["samples"]
+    assert ours == pytest.approx([s["gap"] for s in theirs], rel=1e-5)
+
+
+def test_within_arm_relation_pools_fisher_z():
+    import math
+
+    from regap_fast.reproduce.report2 import within
+
+    rows = [{"gap_safety": {"r": r}} for r in (0.2, 0.4, 0.6)] + [{"gap_safety": {"r": None}}]
+    w = within(rows)
+    assert w["models"] == 4 and w["defined"] == 3
+    assert w["mean"] == pytest.approx(math.tanh(sum(math.atanh(r) for r in (0.2, 0.4, 0.6)) / 3))
+    assert w["low"] < w["mean"] < w["high"]
