@@ -7,7 +7,7 @@ from __future__ import annotations
 from . import study
 
 PLAN = "docs/reproduce/PLAN-v3.md"
-PLAN_VERSION = "v3, 2026-12-07"
+PLAN_VERSION = "v3.2, 2026-12-07"  # the last entry of PLAN-v3.md's changes (a test ties them)
 LAMBDAS = (0.0, 0.2)
 PRIMARY_LAMBDA = 0.2
 SEEDS = {0: tuple(range(0, 8)), 1: tuple(range(8, 16)), 2: tuple(range(16, 24))}

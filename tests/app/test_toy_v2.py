@@ -149,7 +149,11 @@ def test_the_design_is_the_plans():
     from regap_fast.reproduce.pipeline2 import SettingsV2
 
     block = _plan_block()
-    assert block["plan"] == study2.PLAN_VERSION and block["arms"] == study2.ARMS
+    assert block["plan"] == "v3, 2026-12-07" and block["arms"] == study2.ARMS
+    last = PLAN_V3.read_text().split("## Changes to this plan", 1)[1].strip().splitlines()
+    last = [line for line in last if line.startswith("- ")][-1]
+    assert last.startswith(f"- **Plan {study2.PLAN_VERSION.split(',')[0]}, ") and study2.PLAN_VERSION.endswith(
+        last.split(", ", 1)[1].split(".", 1)[0].rstrip("*"))
     assert block["lambdas"] == list(study2.LAMBDAS) and block["primary_lambda"] == study2.PRIMARY_LAMBDA
     assert block["seeds"] == {str(d): list(s) for d, s in study2.SEEDS.items()}
     assert block["primary_arms"] == list(study2.PRIMARY_ARMS) and block["floor"] == study2.FLOOR
