@@ -387,3 +387,16 @@ def test_within_arm_relation_pools_fisher_z():
     assert w["models"] == 4 and w["defined"] == 3
     assert w["mean"] == pytest.approx(math.tanh(sum(math.atanh(r) for r in (0.2, 0.4, 0.6)) / 3))
     assert w["low"] < w["mean"] < w["high"]
+
+
+def test_the_eta_counts_from_the_first_task_not_the_lms(capsys):
+    """The --quick run printed 'ETA 172 min' after its first task: the clock had run through the LMs'
+    training. ``schedule2`` now resets the bar before the tasks."""
+    from regap_fast.reproduce.cli import _Lines
+
+    bar = _Lines(10)
+    bar.t0 -= 1200.0  # twenty minutes of LM training before the first task
+    bar.reset(total=4)
+    bar.update(1)
+    line = capsys.readouterr().err
+    assert "1/4 tasks done (0.0 min; ETA 0.0 min)" in line
