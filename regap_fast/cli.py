@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gap": ("regap_fast.eval.gap", "measure the modality gap of a model over image-caption pairs"),
     "safety-eval": ("regap_fast.eval.safety", "unsafe-response rate under image conditions"),
     "compare": ("regap_fast.eval.compare", "gap and unsafe rate across runs, and their correlation"),
-    "reproduce": ("regap_fast.reproduce", "the paper's safety claim in miniature, end to end on the CPU"),
+    "reproduce": ("regap_fast.reproduce.cli", "the paper's safety claim in miniature, end to end on the CPU"),
     "info": ("regap_fast.cli", "versions, and which backends (torch, triton, cuda) and kernels can run here"),
 }
 

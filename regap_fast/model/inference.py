@@ -53,18 +53,24 @@ class InferenceMixin:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence, *, max_new_tokens: int = 64, do_sample: bool = False,
-                 temperature: float = 1.0, batch_size: int = 8) -> list[str]:
-        """Answers to raw user requests (each with an image or None), batched with left padding."""
+                 temperature: float = 1.0, batch_size: int = 8, prefills: Sequence[str] | None = None) -> list[str]:
+        """Answers to raw user requests (each with an image or None), batched with left padding.
+        ``prefills``: per request, the start of the answer, forced (a prefill probe); what is returned is
+        what the model writes after it."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+        if prefills is not None and len(prefills) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prefills)} prefills")
         enc = self.encoder("chat")
         dev = self.device
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
             examples = []
-            for text, im in zip(prompts[start:start + batch_size], images[start:start + batch_size]):
+            forced = prefills[start:start + batch_size] if prefills is not None else [""] * len(prompts)
+            for text, im, pre in zip(prompts[start:start + batch_size], images[start:start + batch_size], forced):
                 # a literal placeholder typed by a user is text, not a request for an image
                 prompt = self.chat_prompt(text.replace(IMAGE_PLACEHOLDER, "<image >"), im is not None)
+                prompt += " " + pre.replace(IMAGE_PLACEHOLDER, "<image >") if pre else ""
                 examples.append(dict(enc.encode_prompt(prompt),
                                      pixel_values=None if im is None else self.image_transform(im)))
             b = self._batch(examples, padding_side="left")

@@ -140,11 +140,13 @@ class Runner:
     """The tasks of a design over a pool of ``jobs`` worker processes (``process.workers``; started at
     once, so that they warm up while the caller pretrains the LMs), or in this process (``jobs`` 1).
 
-    ``args(task)`` gives ``run_task``'s arguments after the task; ``on_done(task, row)`` is told of each
-    finished task (the progress bar). ``rows`` and ``missing`` hold the outcome. ``close()`` ends the pool."""
+    ``args(task)`` gives ``fn``'s arguments after the task (``fn``: ``run_task``, or the v2 toy's);
+    ``on_done(task, row)`` is told of each finished task (the progress bar). ``rows`` and ``missing`` hold
+    the outcome. ``close()`` ends the pool."""
 
-    def __init__(self, todo: list[Task], args, costs: dict, jobs: int, threads: int | None, on_done):
+    def __init__(self, todo: list[Task], args, costs: dict, jobs: int, threads: int | None, on_done, fn=None):
         self.pending, self.args, self.costs, self.on_done = list(todo), args, costs, on_done
+        self.fn = fn or run_task
         self.jobs, self.threads = jobs, threads
         self.pool = workers(jobs, threads)
         self.rows: dict[Task, dict] = {}
@@ -185,7 +187,7 @@ class Runner:
                 task = self.ready()[0]
                 self.pending.remove(task)
                 try:
-                    self.finished(task, run_task(task, *self.args(task), self.threads))
+                    self.finished(task, self.fn(task, *self.args(task), self.threads))
                 except Exception as exc:  # noqa: BLE001 - reported as the task's failure (PLAN 8.8)
                     self.failed(task, exc)
             return
@@ -199,7 +201,7 @@ class Runner:
         while self.pending or running:
             for task in self.ready()[:max(0, self.jobs - len(running))]:
                 self.pending.remove(task)
-                running[self.pool.submit(run_task, task, *self.args(task), self.threads)] = task
+                running[self.pool.submit(self.fn, task, *self.args(task), self.threads)] = task
             if not running:  # what is pending waits for a cell that will not come
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)

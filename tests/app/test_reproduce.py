@@ -229,7 +229,7 @@ def _parse(argv):
 
 
 def test_num_images_flag_and_no_old_alias():
-    from regap_fast.reproduce import _command
+    from regap_fast.reproduce.cli import _command
 
     parser, args = _parse(["--out", "x", "--num-images", "300"])
     assert args.images == 300
@@ -241,7 +241,7 @@ def test_num_images_flag_and_no_old_alias():
 
 
 def test_designs_of_the_command_line():
-    from regap_fast.reproduce import _command, design_of
+    from regap_fast.reproduce.cli import _command, design_of
     from regap_fast.reproduce.study import DEFAULT_SUBSET, QUICK_SUBSET, STUDY, TIMING_PROBE
 
     assert design_of(_parse(["--out", "x"])[1]) is DEFAULT_SUBSET
@@ -447,7 +447,7 @@ def test_quick_run_with_a_mixed_lora_stage2_of_ones_own(tmp_path):
 def test_timing_probe_prints_the_projection(tmp_path, monkeypatch, capsys):
     """--timing-probe runs its design (here a stand-in: the runs are tested above) and prints the study's time
     projected by PLAN 10's arithmetic, with the decision on the plan's cut; nothing else is written."""
-    import regap_fast.reproduce as reproduce
+    import regap_fast.reproduce.cli as reproduce
     from regap_fast.cli import main
     from regap_fast.reproduce.study import TIMING_PROBE
 
