@@ -211,9 +211,10 @@ def main(argv=None) -> int:
     parser.add_argument("--refresh", action="store_true", help="rebuild the cached test tree")
     parser.add_argument("--regap-weight", type=float, default=0.1)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per test (pytest-timeout)")
-    parser.add_argument("--only", choices=["plain", "patched"], help="run one side (the other's junit is reused)")
+    parser.add_argument("--only", choices=["plain", "patched", "neither"],
+                        help="run one side (the other's junit is reused), or none (compare the junit files only)")
     parser.add_argument("--out", type=Path, help="junit folder (default <cache>/runs)")
-    parser.add_argument("--reuse", type=Path, help="with --only: the junit folder of the side not run (default --out)")
+    parser.add_argument("--reuse", type=Path, help="with --only: the junit folder of the sides not run (default --out)")
     args = parser.parse_args(argv)
     importlib.import_module("pytest_timeout")  # a hung test would hang the run: fail early instead
     importlib.import_module("parameterized")  # transformers' tests import it
