@@ -121,7 +121,7 @@ def git_files(source: str, ref: str, paths: list[str], dest: Path) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         run(["git", "clone", "--depth", "1", "--branch", ref, "--filter=blob:none", "--sparse", source, tmp])
-        run(["git", "-C", tmp, "sparse-checkout", "set", "--no-cone", *paths])
+        run(["git", "-C", tmp, "sparse-checkout", "set", "--no-cone", *("/" + p for p in paths)])
         for p in paths:
             src = Path(tmp) / p
             if src.is_dir():
