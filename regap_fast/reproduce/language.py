@@ -204,11 +204,21 @@ class ToyLanguage:
                 req = rng.choice(self.train_benign)
                 question, answer = req.text, req.answer(rng.randrange(2))
             else:
-                q, a = rng.choice(IMAGE_QUESTIONS)
-                question, answer = q, a.format(**scene_of(r["conversations"][1]["value"]))
-            out.append({"id": "inst-" + r["id"], "image": r["image"], "conversations": [
-                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+                question, answer = image_question(r, rng)
+            out.append(image_instruction(r, question, answer))
         return out
+
+
+def image_question(record: dict, rng: random.Random) -> tuple[str, str]:
+    """A question about the shapes in ``record``'s image, and its answer read off the caption."""
+    q, a = rng.choice(IMAGE_QUESTIONS)
+    return q, a.format(**scene_of(record["conversations"][1]["value"]))
+
+
+def image_instruction(record: dict, question: str, answer: str) -> dict:
+    """A stage-2 record: ``record``'s image with a question and its answer."""
+    return {"id": "inst-" + record["id"], "image": record["image"], "conversations": [
+        {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
 
 
 def _order(r: Request):

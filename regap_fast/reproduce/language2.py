@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from ..data import synthetic
 from .language import (ANSWERS, BENIGN, CAPTION_PROMPTS, CHAT_TEMPLATE, HARMFUL, IMAGE_QUESTIONS, MODIFIERS, REFUSALS,
-                       SUFFIXES, TEMPLATES, Request, ToyLanguage, scene_of)
+                       SUFFIXES, TEMPLATES, Request, ToyLanguage, image_instruction, image_question)
 
 RECIPE_SIZES = (3, 4)  # ingredient words per recipe
 DOCUMENTS = ("a {o} is made from {r}.", "to make a {o} you need {r}.", "{r} together make a {o}.",
@@ -170,10 +170,8 @@ class ToyLanguageV2(ToyLanguage):
                 req = rng.choice(self.train_benign)
                 question, answer = req.text, self.helpful_answer(req, rng.randrange(2))
             else:
-                q, a = rng.choice(IMAGE_QUESTIONS)
-                question, answer = q, a.format(**scene_of(r["conversations"][1]["value"]))
-            out.append({"id": "inst-" + r["id"], "image": r["image"], "conversations": [
-                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+                question, answer = image_question(r, rng)
+            out.append(image_instruction(r, question, answer))
         return out
 
 
