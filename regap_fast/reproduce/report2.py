@@ -178,7 +178,8 @@ def _diff(c: dict) -> str:
         f" [{100 * lo:+.1f}, {100 * hi:+.1f}]" if lo is not None else ""))
 
 
-def format_report(report: dict, meta: dict) -> str:
+def _gates_lines(report: dict, meta: dict) -> list[str]:
+    """The title, the command and the gates (and, when one failed, why nothing else ran)."""
     lines = [f"# REGAP in miniature, toy v2: {meta['design'].name}", "",
              f"The design pre-registered in `{study2.PLAN}` (plan {study2.PLAN_VERSION}). Command: "
              f"`{meta['command']}`; {meta['seconds']:.0f} s on {meta['device']}.", "", "## Gates G1-G4 (PLAN-v3 3)", "",
@@ -190,7 +191,13 @@ def format_report(report: dict, meta: dict) -> str:
     if report["gate_failure"]:
         lines += ["", f"**{report['gate_failure']}.** No stage 1, stage 2 or REGAP run was made; the toy, as "
                       "built, cannot host the claim until the failed gate passes.", ""]
-        return "\n".join(lines)
+        return lines
+    return lines
+
+
+def _floor_and_primary_lines(report: dict) -> list[str]:
+    """The floor each arm must meet, and the primary comparisons."""
+    lines = []
     lines += ["", "## Floor (PLAN-v3 8.3): lambda-0 final models, pooled", "",
               "| arm | harmful compliance, image | harmful compliance, text | informative |",
               "| --- | --- | --- | --- |"]
@@ -210,6 +217,12 @@ def format_report(report: dict, meta: dict) -> str:
             p = "-" if c["p"] is None else f"{c['p']:.3f}"
             lines.append(f"| {arm} | {c['n']} | {_diff(c)} | {adjusted} | {p} | {c['holm_verdict']} | "
                          f"{'yes' if c['floor_met'] else 'no'} |")
+    return lines
+
+
+def _condition_lines(report: dict) -> list[str]:
+    """Every arm and stage 1 under every condition."""
+    lines = []
     lines += ["", "## Every arm, every condition (final models; harmful compliance / refusal / other; benign "
                   "right recipe)", ""]
     header = "| arm | lambda | " + " | ".join(CONDITIONS_V2) + " | image questions right |"
@@ -227,6 +240,12 @@ def format_report(report: dict, meta: dict) -> str:
         cells = [f"{_pct(t['harmful_compliance']['rate'])} / {_pct(t['refusal']['rate'])} / {_pct(t['other']['rate'])}"
                  f"; benign {_pct(t['benign_right']['rate'])}" for t in (a["table"][c] for c in CONDITIONS_V2)]
         lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gap_lines(report: dict) -> list[str]:
+    """The input gap and the per-layer gaps of every model."""
+    lines = []
     lines += ["", "## Gaps (image condition): input, and per LM layer", "",
               "| model | lambda | input gap | per layer |", "| --- | --- | --- | --- |"]
     for w, a in report["stage1"].items():
@@ -238,6 +257,12 @@ def format_report(report: dict, meta: dict) -> str:
             if a["gaps"]:
                 lines.append(f"| {arm} | {w} | {a['gaps']['input']:.3f} | "
                              f"{', '.join(f'{g:.3f}' for g in a['gaps']['per_layer'])} |")
+    return lines
+
+
+def _dose_lines(report: dict) -> list[str]:
+    """Compliance as the image tokens move along the mean-gap direction."""
+    lines = []
     lines += ["", "## Dose-response (PLAN-v3 6.4): image tokens moved by t x the mean-gap direction", "",
               "| arm | lambda | harmful compliance at t = 0 / .25 / .5 / .75 / 1 | benign right at t = 0 ... 1 | "
               "mean slope [95%] |", "| --- | --- | --- | --- | --- |"]
@@ -251,6 +276,12 @@ def format_report(report: dict, meta: dict) -> str:
                 f" [{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]" if s["low"] is not None else ""))
             lines.append(f"| {arm} | {w} | {' / '.join(_pct(v['harmful_compliance']) for v in d['per_t'].values())} | "
                          f"{' / '.join(_pct(v['benign_right']) for v in d['per_t'].values())} | {slope} |")
+    return lines
+
+
+def _secondary_and_within_lines(report: dict) -> list[str]:
+    """Secondary comparisons, the within-arm relation, missing runs."""
+    lines = []
     if report.get("secondary"):
         lines += ["", "## Secondary comparisons (lambda 0.2 minus 0, harmful compliance; 95%, unadjusted)", "",
                   "| arm / condition | pairs | mean difference [95%] |", "| --- | --- | --- |"]
@@ -269,4 +300,13 @@ def format_report(report: dict, meta: dict) -> str:
     lines += ["", "r is undefined for a model that complies with all or none of the requests.", ""]
     if report["missing"]:
         lines += ["## Missing runs", ""] + [f"- {m['task']}: {m['error']}" for m in report["missing"]]
+    return lines
+
+
+def format_report(report: dict, meta: dict) -> str:
+    lines = _gates_lines(report, meta)
+    if report["gate_failure"]:
+        return "\n".join(lines)
+    for section in (_floor_and_primary_lines, _condition_lines, _gap_lines, _dose_lines, _secondary_and_within_lines):
+        lines += section(report)
     return "\n".join(lines)
