@@ -591,6 +591,31 @@ def test_apply_regap_through_ddp_patches_the_module(tmp_path):
     torch.testing.assert_close(out.loss, reference(**batch).loss)
 
 
+def test_apply_regap_through_fsdp1_patches_the_module(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from regap_fast.integrations.transformers import apply_regap, regap_state
+
+    family = BY_NAME["LLaVA-1.5"]
+    model = family.build(seed=1).train()
+    reference = apply_regap(copy.deepcopy(model), regap_weight=WEIGHT)
+    batch, _, _ = make_batch(family)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        try:
+            fsdp = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        except (RuntimeError, ValueError, AssertionError) as exc:  # FSDP1 on the CPU is not in every torch
+            pytest.skip(f"FSDP1 does not wrap a CPU module here: {exc}")
+        assert apply_regap(fsdp, regap_weight=WEIGHT) is fsdp
+        inner = fsdp.module
+        assert regap_state(inner) is not None and "_regap" not in fsdp.__dict__
+        out = fsdp(**batch)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(out.loss, reference(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_plain_trl_sft_trainer_would_drop_the_gap_an_error_at_the_first_step(tmp_path):
     pytest.importorskip("trl")
