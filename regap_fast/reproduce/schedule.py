@@ -121,11 +121,16 @@ def run_task(task: Task, root: str, s: pipeline.Settings, data: pipeline.Data, t
 
 def finished_row(task: Task, root: Path, s: pipeline.Settings) -> dict | None:
     """The row of a task done before (a command started again on the same folder), or None."""
-    path = task.folder(root) / ROW
+    return read_finished_row(task.folder(root) / ROW, recorded_settings(task, s))
+
+
+def read_finished_row(path: Path, settings: dict) -> dict | None:
+    """The row at ``path`` when its run was made with ``settings``, None when there is none; a row of other
+    settings is an error (a folder is never mixed)."""
     if not path.is_file():
         return None
     row = json.loads(path.read_text())
-    if row.get("settings") != recorded_settings(task, s):
+    if row.get("settings") != settings:
         raise ValueError(f"{path.parent} holds a run made with other settings; use another --out, or --fresh "
                          "to start its runs afresh")
     return row

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import gates, pipeline, pipeline2, study
 from .measure2 import measure_model
 from .process import quiet
-from .schedule import ROW, STAGE1_KEYS, STAGE2_KEYS, Runner, Task, _drop_model, tasks_of
+from .schedule import ROW, STAGE1_KEYS, STAGE2_KEYS, Runner, Task, _drop_model, read_finished_row, tasks_of
 
 
 def task_settings(task: Task, base: pipeline2.SettingsV2, design: study.Design) -> pipeline2.SettingsV2:
@@ -58,13 +58,7 @@ def run_task(task: Task, root: str, s: pipeline2.SettingsV2, data: pipeline2.Dat
 
 
 def finished_row(task: Task, root: Path, s: pipeline2.SettingsV2) -> dict | None:
-    path = task.folder(root) / ROW
-    if not path.is_file():
-        return None
-    row = json.loads(path.read_text())
-    if row.get("settings") != recorded_settings(task, s):
-        raise ValueError(f"{path.parent} holds a run made with other settings; use another --out, or --fresh")
-    return row
+    return read_finished_row(task.folder(root) / ROW, recorded_settings(task, s))
 
 
 def lm_and_gates(root: Path, s: pipeline2.SettingsV2, data: pipeline2.DataV2, data_seed: int) -> dict:

@@ -571,30 +571,25 @@ def test_apply_regap_on_a_peft_model_over_a_patched_base_updates_it_once():
     torch.testing.assert_close(out.loss - out.lm_loss, 0.25 * out.regap_gap, rtol=1e-5, atol=1e-7)
 
 
-def test_apply_regap_through_ddp_patches_the_module(tmp_path):
-    import torch.distributed as dist
+def _ddp(model):
     from torch.nn.parallel import DistributedDataParallel
 
-    from regap_fast.integrations.transformers import apply_regap, regap_state
-
-    family = BY_NAME["LLaVA-1.5"]
-    model = family.build(seed=1).train()
-    reference = apply_regap(copy.deepcopy(model), regap_weight=WEIGHT)
-    batch, _, _ = make_batch(family)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        ddp = apply_regap(DistributedDataParallel(model, find_unused_parameters=True), regap_weight=WEIGHT)
-        assert regap_state(model) is not None and "_regap" not in ddp.__dict__
-        out = ddp(**batch)
-    finally:
-        dist.destroy_process_group()
-    torch.testing.assert_close(out.loss, reference(**batch).loss)
+    return DistributedDataParallel(model, find_unused_parameters=True)
 
 
-def test_apply_regap_through_fsdp1_patches_the_module(tmp_path):
-    import torch.distributed as dist
+def _fsdp1(model):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    try:
+        return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+    except (RuntimeError, ValueError, AssertionError) as exc:  # FSDP1 on the CPU is not in every torch
+        pytest.skip(f"FSDP1 does not wrap a CPU module here: {exc}")
+
+
+@pytest.mark.parametrize("wrap", [_ddp, _fsdp1], ids=["DDP", "FSDP1"])
+def test_apply_regap_through_a_distributed_wrapper_patches_the_module(wrap, tmp_path):
+    import torch.distributed as dist
+
     from regap_fast.integrations.transformers import apply_regap, regap_state
 
     family = BY_NAME["LLaVA-1.5"]
@@ -603,14 +598,10 @@ def test_apply_regap_through_fsdp1_patches_the_module(tmp_path):
     batch, _, _ = make_batch(family)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        try:
-            fsdp = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
-        except (RuntimeError, ValueError, AssertionError) as exc:  # FSDP1 on the CPU is not in every torch
-            pytest.skip(f"FSDP1 does not wrap a CPU module here: {exc}")
-        assert apply_regap(fsdp, regap_weight=WEIGHT) is fsdp
-        inner = fsdp.module
-        assert regap_state(inner) is not None and "_regap" not in fsdp.__dict__
-        out = fsdp(**batch)
+        wrapped = wrap(model)
+        assert apply_regap(wrapped, regap_weight=WEIGHT) is wrapped
+        assert regap_state(wrapped.module) is not None and "_regap" not in wrapped.__dict__
+        out = wrapped(**batch)
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(out.loss, reference(**batch).loss, rtol=1e-5, atol=1e-6)
