@@ -1,4 +1,5 @@
-"""What every Triton kernel module shares: whether the interpreter runs them, and how many programs a grid should have."""
+"""What every Triton kernel module shares: whether the interpreter runs them, and how many programs a grid
+should have."""
 
 import torch
 import triton

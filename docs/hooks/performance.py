@@ -203,10 +203,10 @@ def demo(data: dict):
         return None
     rows = [[f"{r['regap_weight']:g}", f"{r['initial_gap']:.3f}", f"{r['final_gap']:.3f}", f"{r['final_lm_loss']:.3f}",
              f"{r['steps_per_second']:.1f}", f"{r['seconds']:.1f}", r.get("attention", "")] for r in runs]
-    note = ("The demo's model is tiny (a 2-layer LM of width 64, a 3-layer vision tower, 64x64 images): a step is a few milliseconds of "
-            "kernels, so kernel launches and host synchronisations set its speed, and REGAP's few extra launches "
-            "weigh there as they never do at a real size. These steps/s say that the demo runs on a GPU, not what "
-            "REGAP costs: that is the LLaVA-1.5-7B-shaped step above.")
+    note = ("The demo's model is tiny (a 2-layer LM of width 64, a 3-layer vision tower, 64x64 images), so its "
+            "steps are too small for arithmetic to set their speed: kernel launches and host synchronisations do, "
+            "and REGAP's few extra launches weigh there as they do at no real size. These steps/s say that the "
+            "demo runs on a GPU, not what REGAP costs: that is the LLaVA-1.5-7B-shaped step above.")
     return [note, ""] + table(["lambda", "initial gap", "final gap", "caption loss", "steps/s", "seconds",
                                "attention"], rows)
 
