@@ -22,7 +22,7 @@ from pathlib import Path
 from ..flags import add_progress_argument
 
 MODES = ("study", "quick", "timing_probe", "select_stage2", "pilot")
-V1_ONLY = ("timing_probe", "select_stage2", "arms", "check_against")  # not with --toy v2
+V1_ONLY = ("select_stage2", "arms", "check_against")  # not with --toy v2
 DESIGN_FLAGS = ("arms", "seeds", "first_seed", "data_seed", "regap_weight")  # what a fixed design cannot take
 SELECTION_SEEDS = 8  # --select-stage2's default number of seeds
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--quick", action="store_true",
                       help="the default subset at one seed (a first look: no intervals)")
     mode.add_argument("--timing-probe", action="store_true",
-                      help="every arm once at seed 900; prints the study's projected time (PLAN 10)")
+                      help="every arm once at seed 900; prints the study's projected time (PLAN 10, PLAN-v3 9.1)")
     mode.add_argument("--select-stage2", action="store_true",
                       help="the stage-2 screening on the baseline only, by its fixed criterion (selection.py)")
     mode.add_argument("--pilot", action="store_true",
@@ -71,10 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_settings(parser.add_argument_group(
         "sizes and steps (not with --study; a stage-2 flag makes one arm of your own, 'custom', instead of the "
         "named ones)"), Settings)
-    _add_settings(parser.add_argument_group("the v2 toy's own sizes and steps (--toy v2; v2's defaults differ from "
-                                            "v1's for --vocab-size 1024, --lm-steps 400 and --max-new-tokens 24: "
-                                            "those flags at v1's default count as not given)"), SettingsV2,
-                  skip=Settings)
+    _add_settings(parser.add_argument_group("the v2 toy's own sizes and steps (--toy v2)"), SettingsV2, skip=Settings)
 
 
 CHOICES = {"stage1_format": ("chat", "plain"), "stage2_text_data": ("replay", "benign")}
@@ -94,24 +91,45 @@ def _flag(name: str) -> str:
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
+def toy_dependent_defaults() -> dict:
+    """The size fields whose default differs between the toys: name -> (v1's, v2's). Their flags default to
+    None (not given), so a value given on the command line counts whatever it equals."""
+    from .pipeline import Settings
+    from .pipeline2 import SettingsV2
+
+    v2 = {f.name: f.default for f in dataclasses.fields(SettingsV2)}
+    return {f.name: (f.default, v2[f.name]) for f in dataclasses.fields(Settings) if v2[f.name] != f.default}
+
+
 def _add_settings(group, settings_class, skip=None) -> None:
     # v2's arm field is the arms' (PLAN-v3 5), not a flag
     skipped = {f.name for f in dataclasses.fields(skip)} | {"stage2_harmful_refusal_share"} if skip else set()
+    per_toy = toy_dependent_defaults()
     for f in dataclasses.fields(settings_class):
         if f.name in skipped:
             continue
         flag, kind, text = _flag(f.name), type(f.default), FIELD_HELP.get(f.name, "")
         if kind is bool:  # BooleanOptionalAction adds the default to the help itself
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        elif f.name in per_toy:
+            v1, v2 = per_toy[f.name]
+            group.add_argument(flag, dest=f.name, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=f"{text} (default: {v1}; --toy v2: {v2})".strip())
         else:
             group.add_argument(flag, dest=f.name, type=kind, default=f.default, metavar=kind.__name__.upper(),
                                choices=CHOICES.get(f.name), help=f"{text} (default: %(default)s)".strip())
 
 
+def _value(args: argparse.Namespace, f: dataclasses.Field):
+    """A size field's value: the flag's, or the field's default when it was not given."""
+    value = getattr(args, f.name)
+    return f.default if value is None else value
+
+
 def _settings(args: argparse.Namespace):
     from .pipeline import Settings
 
-    return Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    return Settings(**{f.name: _value(args, f) for f in dataclasses.fields(Settings)})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +141,7 @@ def _changed(args: argparse.Namespace) -> list[str]:
     """The size and step flags that differ from their defaults."""
     from .pipeline import Settings
 
-    return [_flag(f.name) for f in dataclasses.fields(Settings) if getattr(args, f.name) != f.default]
+    return [_flag(f.name) for f in dataclasses.fields(Settings) if _value(args, f) != f.default]
 
 
 def _changed_v2(args: argparse.Namespace) -> list[str]:
@@ -134,6 +152,16 @@ def _changed_v2(args: argparse.Namespace) -> list[str]:
     v1 = {f.name for f in dataclasses.fields(Settings)}
     return [_flag(f.name) for f in dataclasses.fields(SettingsV2) if f.name not in v1 and hasattr(args, f.name)
             and getattr(args, f.name) != f.default]
+
+
+def _changed_sizes(args: argparse.Namespace) -> list[str]:
+    """The size and step flags that differ from the toy's own defaults."""
+    if args.toy != "v2":
+        return _changed(args)
+    from .pipeline2 import SettingsV2
+
+    given, default = settings_v2(args), SettingsV2()
+    return [_flag(f.name) for f in dataclasses.fields(SettingsV2) if getattr(given, f.name) != getattr(default, f.name)]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -151,12 +179,13 @@ def check_args(args: argparse.Namespace) -> None:
     modes = [m for m in MODES if getattr(args, m)]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(_flag(m) for m in modes)} cannot be combined: choose one")
-    fixed = modes[0] if modes and modes[0] in ("study", "timing_probe") else None
+    fixed = modes[0] if modes and modes[0] in ("study", "timing_probe", "pilot") else None
     if fixed:
-        given = [_flag(f) for f in DESIGN_FLAGS if getattr(args, f) is not None] + _changed(args)
+        given = [_flag(f) for f in DESIGN_FLAGS if getattr(args, f) is not None] + _changed_sizes(args)
         given += ["--check-against"] * (fixed == "timing_probe" and args.check_against is not None)
         if given:
-            raise ValueError(f"{_flag(fixed)} runs the pre-registered design of docs/reproduce/PLAN.md as it is: "
+            plan = "docs/reproduce/PLAN-v3.md" if args.toy == "v2" else "docs/reproduce/PLAN.md"
+            raise ValueError(f"{_flag(fixed)} runs the pre-registered design of {plan} as it is: "
                              f"drop {', '.join(given)}")
     if args.arms:
         check_arms(args.arms)
@@ -169,9 +198,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= {low}, got {getattr(args, name)}")
     if args.regap_weight is not None and (min(args.regap_weight) < 0 or max(args.regap_weight) == 0):
         raise ValueError("--regap-weight must be >= 0, one of them > 0 (the baseline 0 is always run)")
-    if args.eval_stride < 1:
+    if args.eval_stride is not None and args.eval_stride < 1:
         raise ValueError(f"--eval-stride must be >= 1, got {args.eval_stride}")
-    if args.select_stage2 and _flag("eval_stride") in _changed(args):
+    if args.select_stage2 and args.eval_stride is not None:
         raise ValueError("--select-stage2 evaluates every held-out request, as the committed screening did: "
                          "drop --eval-stride")
     if not 0.0 <= args.stage2_text_share < 1.0:
@@ -220,9 +249,10 @@ def _command(args: argparse.Namespace) -> str:
         parts += ["--regap-weight", *(f"{w:g}" for w in args.regap_weight)]
     from .pipeline import Settings
 
+    per_toy = toy_dependent_defaults()
     for f in dataclasses.fields(Settings):
-        value, flag = getattr(args, f.name), _flag(f.name)
-        if value == f.default:
+        value, flag = _value(args, f), _flag(f.name)
+        if (getattr(args, f.name) is None) if f.name in per_toy else value == f.default:
             continue
         if isinstance(f.default, bool):
             parts.append(flag if value else "--no-" + flag[2:])
@@ -345,6 +375,17 @@ def _selection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_probe(out: Path, outcome: dict, jobs: int, device: str, t0: float, toy: str) -> int:
+    """The timing probe's projection, printed and in ``timing-probe.json`` (nothing else of it is reported)."""
+    from .probe import format_projection, projection
+
+    p = projection(outcome, jobs, toy)
+    (out / "timing-probe.json").write_text(json.dumps({**p, "device": device, "seconds": time.perf_counter() - t0},
+                                                      indent=1) + "\n")
+    print(format_projection(p) + f"\nwrote {out / 'timing-probe.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from .process import quiet
     from .study import PLAN_VERSION
@@ -359,13 +400,7 @@ def run(args: argparse.Namespace) -> int:
     design, settings, out = design_of(args), _settings(args), Path(args.out)
     outcome = _execute(args, design, settings)
     if args.timing_probe:
-        from .probe import format_projection, projection
-
-        p = projection(outcome, outcome["jobs"])
-        (out / "timing-probe.json").write_text(json.dumps({**p, "device": outcome["device"],
-                                                           "seconds": time.perf_counter() - t0}, indent=1) + "\n")
-        print(format_projection(p) + f"\nwrote {out / 'timing-probe.json'}")
-        return 0
+        return _write_probe(out, outcome, outcome["jobs"], outcome["device"], t0, "v1")
     data = outcome["cells"][0] if outcome["cells"] else None
     meta = {"plan": PLAN_VERSION, "command": _command(args), "device": outcome["device"], "reused": outcome["reused"],
             "n_harmful": data["harmful"]["text"]["n"] if data else 0, "n_benign": data["benign"]["text"]["n"] if data
@@ -386,25 +421,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def settings_v2(args: argparse.Namespace):
-    """``SettingsV2``: its own defaults, with every flag given on the command line (a v1 size flag counts
-    when it differs from v1's default)."""
+    """``SettingsV2``: its own defaults, with every flag given on the command line."""
     from .pipeline import Settings
     from .pipeline2 import SettingsV2
 
-    v1 = {f.name: f.default for f in dataclasses.fields(Settings)}
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SettingsV2) if hasattr(args, f.name)
-             and (f.name not in v1 or getattr(args, f.name) != v1[f.name])}
+    v1, per_toy = {f.name: f.default for f in dataclasses.fields(Settings)}, toy_dependent_defaults()
+    given = {}
+    for f in dataclasses.fields(SettingsV2):
+        value = getattr(args, f.name, None)
+        if f.name in per_toy:
+            if value is not None:
+                given[f.name] = value
+        elif hasattr(args, f.name) and value != v1.get(f.name, f.default):
+            given[f.name] = value
     return SettingsV2(**given)
 
 
 def design_v2(args: argparse.Namespace):
     from . import study, study2
 
-    if args.study or args.pilot:
-        if any(getattr(args, f) is not None for f in DESIGN_FLAGS):
-            raise ValueError(f"{'--study' if args.study else '--pilot'} runs PLAN-v3's design as it is: drop "
-                             f"{', '.join(_flag(f) for f in DESIGN_FLAGS if getattr(args, f) is not None)}")
-        return study2.STUDY if args.study else study2.PILOT
+    if args.study or args.pilot or args.timing_probe:  # check_args refused any design or size flag
+        return study2.STUDY if args.study else study2.PILOT if args.pilot else study2.TIMING_PROBE
     base = study2.QUICK_SUBSET if args.quick else study2.DEFAULT_SUBSET
     lambdas = base.lambdas if args.regap_weight is None else tuple(sorted({0.0, *args.regap_weight}))
     data_seed = 0 if args.data_seed is None else args.data_seed
@@ -443,6 +480,8 @@ def run_v2(args: argparse.Namespace) -> int:
         outcome = schedule2.run_design(out, design, settings, jobs, threads, bar)
     finally:
         bar.close()
+    if args.timing_probe and not outcome["gate_failure"]:
+        return _write_probe(out, outcome, jobs, device, t0, "v2")
     report = report2.build(design, outcome)
     seconds = time.perf_counter() - t0
     meta = {"design": design, "command": _command(args), "seconds": seconds, "device": device}

@@ -32,8 +32,9 @@ COUNT_KEYS = ("n", *CLASSES, *SUB_LABELS, "harmful_requested", "harmful_other_ob
 EXAMPLES = 3  # per condition, class, sub-label and disagreement (PLAN 6: answers-by-class.md)
 
 
-def gaps_by_condition(vlm, pairs: list, s: Settings, seed: int) -> dict:
-    """The input-level gap (``gap.mean``) and every per-layer gap, per image condition."""
+def gaps_by_condition(vlm, pairs: list, s: Settings, seed: int, mir: bool = False) -> dict:
+    """The input-level gap (``gap.mean``) and every per-layer gap, per image condition; with ``mir``, also
+    MIR and its per-layer Fréchet distances (``regap_fast.eval.mir``)."""
     from ..eval import Pair, measure_gap
     from ..eval.conditions import blank_image, noise_image
 
@@ -42,9 +43,13 @@ def gaps_by_condition(vlm, pairs: list, s: Settings, seed: int) -> dict:
                 "noise": [Pair(p.id, noise_image(size, seed, p.id), p.caption) for p in pairs]}
     out = {}
     for cond in GAP_CONDITIONS:
-        g = measure_gap(vlm, variants[cond], batch_size=s.eval_batch, per_layer=True, progress=False)
+        g = measure_gap(vlm, variants[cond], batch_size=s.eval_batch, per_layer=True, progress=False,
+                        metric="both" if mir else "l2")
         out[cond] = {"mean": g["gap"]["mean"], "per_layer": [layer["gap_mean"] for layer in g["per_layer"]],
                      "n_pairs": g["n_pairs"]}
+        if mir:
+            out[cond]["mir"] = g["mir"]["value"]
+            out[cond]["mir_per_layer"] = [layer["frechet"] for layer in g["mir"]["per_layer"]]
     return out
 
 

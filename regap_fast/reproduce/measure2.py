@@ -1,7 +1,7 @@
 """The measurements of one v2-toy model (PLAN-v3 section 6), into its ``eval/`` folder.
 
-* the gap per image condition and LM layer (v1's ``gaps_by_condition``), and each held-out image's
-  input gap (for the within-arm gap-safety relation);
+* the gap per image condition and LM layer (v1's ``gaps_by_condition``) with MIR beside it (PLAN-v3 4),
+  and each held-out image's input gap (for the within-arm gap-safety relation);
 * the held-out harmful and benign requests under text, blank, noise, a synthetic image and the glyph
   condition (an image of the object's name; the request names "the object in the image"), greedy,
   judged by ``RecipeJudge``: counts ``{n, harmful_compliance, refusal, other, right_recipe}``;
@@ -62,7 +62,7 @@ def measure_model(model_dir: Path, out_dir: Path, s, data, seed: int, dose: bool
     vlm = load_model(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = load_pairs(data.eval_pairs)
-    gaps = gaps_by_condition(vlm, pairs, s, seed)
+    gaps = gaps_by_condition(vlm, pairs, s, seed, mir=True)
     held = [Image.open(p.image).convert("RGB") if isinstance(p.image, (str, Path)) else p.image for p in pairs]
     judge = RecipeJudge(data.recipes)
     kw = dict(max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)

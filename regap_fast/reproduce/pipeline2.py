@@ -35,6 +35,7 @@ class SettingsV2(Settings):
     glyphs_per_object: int = 10  # stage 1's glyph pairs ("the word {o}"), per object
     stage2_harmful_refusal_share: float = 0.0  # the VLGuard-like arm's image-attached harmful -> refusal records
     max_new_tokens: int = 24
+    eval_stride: int = 1  # PLAN-v3 2: every held-out request (256 harmful, 64 benign); 9.2's cut would be 2
 
 
 def glyph_image(obj: str, size: int, rng: random.Random):

@@ -112,7 +112,36 @@ def gaps(rows: list[dict]) -> dict:
         return {}
     inputs = [r["gap"]["image"]["mean"] for r in rows]
     layers = list(zip(*(r["gap"]["image"]["per_layer"] for r in rows)))
-    return {"input": math.fsum(inputs) / len(inputs), "per_layer": [math.fsum(v) / len(v) for v in layers]}
+    out = {"input": math.fsum(inputs) / len(inputs), "per_layer": [math.fsum(v) / len(v) for v in layers]}
+    mirs = [r["gap"]["image"]["mir"] for r in rows if "mir" in r["gap"]["image"]]
+    if mirs:  # rows measured before PLAN-v3.3 have none
+        out["mir"] = math.fsum(mirs) / len(mirs)
+    return out
+
+
+def detectable(sd: float, pairs: int, family: int = len(study2.PRIMARY_ARMS), power: float = 0.8) -> float:
+    """PLAN-v3 8.1: the paired difference a two-sided t-test at alpha / family detects with ``power``
+    over ``pairs`` pairs whose differences have standard deviation ``sd``."""
+    from scipy import stats
+
+    df = pairs - 1
+    return float(stats.t.ppf(1 - study2.ALPHA / family / 2, df) + stats.t.ppf(power, df)) * sd / math.sqrt(pairs)
+
+
+def restatement(finals: list[dict], arms) -> dict:
+    """PLAN-v3 8.2: per arm, the SD over seeds of the lambda-0 final models' harmful compliance with an image,
+    sqrt(2) x it as the SD of a paired difference (correlation 0, conservative), and the difference
+    detectable with it at 24 and 16 pairs. Reported only: it changes no n and no rule."""
+    out = {}
+    for arm in arms:
+        values = [rate(r, "harmful", study2.PRIMARY_CONDITION, "harmful_compliance") for r in _select(finals, arm, 0.0)]
+        if len(values) < 2:
+            continue
+        m = math.fsum(values) / len(values)
+        sd = math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
+        out[arm] = {"models": len(values), "mean": m, "sd": sd, "difference_sd": math.sqrt(2) * sd,
+                    "detectable": {str(n): detectable(math.sqrt(2) * sd, n) for n in (24, 16)}}
+    return out
 
 
 def within(rows: list[dict]) -> dict:
@@ -138,6 +167,8 @@ def build(design, outcome: dict) -> dict:
                                        "within": within(_select(finals, arm, w))}
                             for w in design.lambdas} for arm in design.arms}
     report["floor"] = floor(finals, design.arms)
+    if study2.PRIMARY_LAMBDA not in design.lambdas:  # the pilot: baseline only
+        report["sizing"] = restatement(finals, design.arms)
     if study2.PRIMARY_LAMBDA in design.lambdas and 0.0 in design.lambdas:
         primary = {arm: comparison(finals, arm, study2.PRIMARY_CONDITION, len(study2.PRIMARY_ARMS))
                    for arm in study2.PRIMARY_ARMS if arm in design.arms}
@@ -220,6 +251,22 @@ def _floor_and_primary_lines(report: dict) -> list[str]:
     return lines
 
 
+def _sizing_lines(report: dict) -> list[str]:
+    """The pilot's re-statement of PLAN-v3 8.1's detectable difference."""
+    if not report.get("sizing"):
+        return []
+    lines = ["", "## Sizing re-stated from the pilot (PLAN-v3 8.2; it changes no n and no rule)", "",
+             "SD over seeds of the lambda-0 final models' harmful compliance with an image; the paired difference's "
+             "SD taken as sqrt(2) x it (correlation 0); detectable difference at Holm's most stringent level "
+             "(0.05 / 3, two-sided) with power 0.8.", "",
+             "| arm | models | mean | SD | difference SD | detectable, 24 pairs | detectable, 16 pairs |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm, z in report["sizing"].items():
+        lines.append(f"| {arm} | {z['models']} | {_pct(z['mean'])} | {_pct(z['sd'])} | {_pct(z['difference_sd'])} | "
+                     f"{100 * z['detectable']['24']:.1f} pts | {100 * z['detectable']['16']:.1f} pts |")
+    return lines
+
+
 def _condition_lines(report: dict) -> list[str]:
     """Every arm and stage 1 under every condition."""
     lines = []
@@ -246,17 +293,17 @@ def _condition_lines(report: dict) -> list[str]:
 def _gap_lines(report: dict) -> list[str]:
     """The input gap and the per-layer gaps of every model."""
     lines = []
-    lines += ["", "## Gaps (image condition): input, and per LM layer", "",
-              "| model | lambda | input gap | per layer |", "| --- | --- | --- | --- |"]
-    for w, a in report["stage1"].items():
+    lines += ["", "## Gaps (image condition): input, per LM layer, and MIR", "",
+              "Means over the models. Per layer: the input, then after each decoder layer. MIR: log10 of the summed "
+              "Fréchet distances after each decoder layer (Huang et al. 2024; `regap_fast.eval.mir`).", "",
+              "| model | lambda | input gap | per layer | MIR |", "| --- | --- | --- | --- | --- |"]
+    models = [("stage 1", w, a) for w, a in report["stage1"].items()]
+    models += [(arm, w, a) for arm, by_w in report["arms"].items() for w, a in by_w.items()]
+    for name, w, a in models:
         if a["gaps"]:
-            lines.append(f"| stage 1 | {w} | {a['gaps']['input']:.3f} | "
-                         f"{', '.join(f'{g:.3f}' for g in a['gaps']['per_layer'])} |")
-    for arm, by_w in report["arms"].items():
-        for w, a in by_w.items():
-            if a["gaps"]:
-                lines.append(f"| {arm} | {w} | {a['gaps']['input']:.3f} | "
-                             f"{', '.join(f'{g:.3f}' for g in a['gaps']['per_layer'])} |")
+            mir = f"{a['gaps']['mir']:.3f}" if "mir" in a["gaps"] else "-"
+            lines.append(f"| {name} | {w} | {a['gaps']['input']:.3f} | "
+                         f"{', '.join(f'{g:.3f}' for g in a['gaps']['per_layer'])} | {mir} |")
     return lines
 
 
@@ -307,6 +354,7 @@ def format_report(report: dict, meta: dict) -> str:
     lines = _gates_lines(report, meta)
     if report["gate_failure"]:
         return "\n".join(lines)
-    for section in (_floor_and_primary_lines, _condition_lines, _gap_lines, _dose_lines, _secondary_and_within_lines):
+    for section in (_floor_and_primary_lines, _sizing_lines, _condition_lines, _gap_lines, _dose_lines,
+                    _secondary_and_within_lines):
         lines += section(report)
     return "\n".join(lines)

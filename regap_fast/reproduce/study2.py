@@ -7,7 +7,7 @@ from __future__ import annotations
 from . import study
 
 PLAN = "docs/reproduce/PLAN-v3.md"
-PLAN_VERSION = "v3.2, 2026-12-07"  # the last entry of PLAN-v3.md's changes (a test ties them)
+PLAN_VERSION = "v3.3, 2026-12-07"  # the last entry of PLAN-v3.md's changes (a test ties them)
 LAMBDAS = (0.0, 0.2)
 PRIMARY_LAMBDA = 0.2
 SEEDS = {0: tuple(range(0, 8)), 1: tuple(range(8, 16)), 2: tuple(range(16, 24))}
@@ -32,4 +32,9 @@ STUDY = study.Design("study", ARMS, LAMBDAS, SEEDS)
 DEFAULT_SUBSET = study.Design("default", ARMS, LAMBDAS, {0: SEEDS[0]})
 QUICK_SUBSET = study.Design("quick", ARMS, LAMBDAS, {0: SEEDS[0][:1]})
 PILOT = study.Design("pilot", ARMS, (0.0,), {9: (900, 901, 902, 903)})  # PLAN-v3 8.2: baseline only
-DESIGNS = {d.name: d for d in (STUDY, DEFAULT_SUBSET, QUICK_SUBSET, PILOT)}
+TIMING_PROBE = study.Design("timing-probe", ARMS, LAMBDAS, {0: (900,)})  # PLAN-v3 9.1: timings only
+DESIGNS = {d.name: d for d in (STUDY, DEFAULT_SUBSET, QUICK_SUBSET, PILOT, TIMING_PROBE)}
+LIMIT_MINUTES = {"study": 90.0, "default": 10.0, "quick": 2.0, "pilot": 10.0}  # PLAN-v3 9
+CUT_ABOVE_MINUTES = 80.0  # PLAN-v3 9.2-9.3: a projected study above this takes the plan's cuts, in order
+CUTS = ("9.2: the held-out requests at even positions only (--eval-stride 2: 128 harmful, 32 benign)",
+        "9.3: data seeds 0-1 only (16 pairs)")

@@ -4,6 +4,7 @@ pretraining, alignment data), the unsafe judge, the gates, the dose-response shi
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -165,6 +166,9 @@ def test_the_design_is_the_plans():
     assert block["default_subset"] == {"lambdas": list(study2.DEFAULT_SUBSET.lambdas),
                                        "seeds": {"0": list(study2.DEFAULT_SUBSET.seeds[0])}}
     assert block["quick_subset"]["seeds"] == {"0": list(study2.QUICK_SUBSET.seeds[0])}
+    assert block["budget_minutes"] == study2.LIMIT_MINUTES
+    assert study2.TIMING_PROBE.seeds == {0: (900,)} and study2.TIMING_PROBE.lambdas == study2.LAMBDAS
+    assert SettingsV2().eval_stride == 1  # PLAN-v3 2 and Plan v3.3 (a): every held-out request
 
 
 def test_gates_pass_at_their_thresholds_and_fail_beyond(capsys):
@@ -319,14 +323,18 @@ def test_the_v2_pipeline_end_to_end_keeps_the_summary_schema(tmp_path, monkeypat
         assert {"stage", "arm", "lambda", "seed", "data_seed"} <= set(r)
         for cond in ("text", "blank", "noise", "image", "glyph"):
             c = r["harmful"][cond]
-            assert c["n"] == 6 and {"harmful_compliance", "refusal", "other"} <= set(c)
+            assert c["n"] == 12 and {"harmful_compliance", "refusal", "other"} <= set(c)  # every held-out request
             assert c["harmful_compliance"] + c["refusal"] + c["other"] == c["n"]
+        for cond in ("image", "blank", "noise"):  # PLAN-v3 4 / v3.3 (c): MIR beside the L2 gaps
+            g = r["gap"][cond]
+            assert math.isfinite(g["mir"]) and len(g["mir_per_layer"]) == len(g["per_layer"]) - 1
         if r["stage"] == "final":
             assert list(r["dose"]) == ["0", "0.25", "0.5", "0.75", "1"]
             assert r["dose"]["0"]["harmful"] == r["harmful"]["image"]
     assert set(summary["gates"]["0"]) == {g.name for g in gates.GATES}
     report = (out / "report.md").read_text()
     assert "## Primary" in report and all(a in report for a in study2.ARMS) and "Dose-response" in report
+    assert "| MIR |" in report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,3 +408,95 @@ def test_the_eta_counts_from_the_first_task_not_the_lms(capsys):
     bar.update(1)
     line = capsys.readouterr().err
     assert "1/4 tasks done (0.0 min; ETA 0.0 min)" in line
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan v3.3: the timing probe, the pilot's re-statement, the v2 defaults on the command line
+# --------------------------------------------------------------------------------------------------
+
+
+def test_v2_probe_projection_by_hand():
+    """PLAN-v3 9.1: the study (48 cells, 192 runs, 3 LMs), the default, the pilot and --quick projected."""
+    from regap_fast.reproduce import study2
+    from regap_fast.reproduce.probe import format_projection, projection
+
+    arms = {"llava-like": 10.0, "lora-r8": 20.0, "projector-only": 10.0, "vlguard-like": 10.0}
+    outcome = {"cells": [{"seconds": 12.0}] * 2, "finals": [{"arm": a, "seconds": s} for a, s in arms.items()] * 2,
+               "lms": {"0": {"seconds": 30.0}}}
+    p = projection(outcome, workers=2, toy="v2")
+    # 48 cells x 12 + 48 x (10 + 20 + 10 + 10) = 576 + 2400 core-s; / 2 + 3 LMs x 30 + 120 s overhead
+    assert p["study"]["core_seconds"] == pytest.approx(2976.0)
+    assert p["study"]["seconds"] == pytest.approx(2976.0 / 2 + 90 + 120)
+    assert p["default"]["core_seconds"] == pytest.approx(16 * 12 + 16 * 50)
+    assert p["pilot"]["core_seconds"] == pytest.approx(4 * 12 + 4 * 50)  # lambda 0 only
+    assert "no cut" in p["study"]["decision"]
+    text = format_projection(p)
+    assert "LM pretraining and gates" in text and "(limit 10 min)" in text and "Projected pilot:" in text
+    slow = projection({**outcome, "cells": [{"seconds": 200.0}] * 2}, workers=2, toy="v2")
+    assert slow["study"]["seconds"] / 60 > study2.CUT_ABOVE_MINUTES
+    assert "9.2" in slow["study"]["decision"] and "9.3" in slow["study"]["decision"]
+
+
+def test_v2_timing_probe_runs_its_design_and_writes_only_the_projection(tmp_path, monkeypatch, capsys):
+    import regap_fast.reproduce.cli as reproduce
+    from regap_fast.cli import main
+    from regap_fast.reproduce import schedule2, study2
+
+    def fake(out, design, base, jobs, threads, bar, say=print):
+        assert design is study2.TIMING_PROBE and base.eval_stride == 1
+        finals = [{"arm": arm, "seconds": 10.0} for *_, arm in design.runs()]
+        return {"cells": [{"seconds": 20.0}] * 2, "finals": finals, "lms": {"0": {"seconds": 30.0}}, "gates": {},
+                "gate_failure": None, "missing": [], "reused": 0}
+
+    monkeypatch.setattr(schedule2, "run_design", fake)
+    out = tmp_path / "probe"
+    assert main(["reproduce", "--toy", "v2", "--timing-probe", "--out", str(out), "--no-progress"]) == 0
+    assert "Projected study:" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["timing-probe.json"]
+    assert reproduce.MODES  # the probe is a mode of both toys
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--toy", "v2", "--study", "--eval-stride", "2"], "--study runs the pre-registered design of "
+                                                       "docs/reproduce/PLAN-v3.md as it is: drop --eval-stride"),
+    (["--toy", "v2", "--pilot", "--lm-steps", "300"], "drop --lm-steps"),
+    (["--toy", "v2", "--timing-probe", "--seeds", "2"], "drop --seeds"),
+])
+def test_v2_fixed_designs_refuse_size_flags_even_at_v1_defaults(tmp_path, argv, message, capsys):
+    """A flag given with v1's default value counts for v2 (it was read as not given before Plan v3.3)."""
+    from regap_fast.cli import main
+
+    assert main(["reproduce", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_v2_settings_take_every_given_flag():
+    import argparse
+
+    from regap_fast.reproduce import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    v2 = lambda *a: cli.settings_v2(parser.parse_args(["--out", "x", "--toy", "v2", *a]))  # noqa: E731
+    assert (v2().eval_stride, v2().vocab_size, v2().lm_steps) == (1, 1024, 400)
+    assert v2("--eval-stride", "2").eval_stride == 2 and v2("--vocab-size", "768").vocab_size == 768
+    args = parser.parse_args(["--out", "x", "--toy", "v2", "--eval-stride", "2"])
+    assert "--eval-stride 2" in cli._command(args)
+    v1 = cli._settings(parser.parse_args(["--out", "x"]))
+    assert (v1.eval_stride, v1.vocab_size, v1.lm_steps) == (2, 768, 300)
+
+
+def test_pilot_restates_the_detectable_difference():
+    """PLAN-v3 8.1-8.2 by hand: SD over seeds of lambda-0 image compliance, x sqrt(2), x 3.44 / sqrt(24)."""
+    from regap_fast.reproduce import report2
+
+    rows = [_row("llava-like", 0.0, s, hc, 0) for s, hc in enumerate((10, 20, 30, 40))]
+    z = report2.restatement(rows, ["llava-like", "lora-r8"])
+    assert list(z) == ["llava-like"]  # an arm with fewer than 2 models has no SD
+    sd = math.sqrt(sum((x - 0.25) ** 2 for x in (0.1, 0.2, 0.3, 0.4)) / 3)
+    assert z["llava-like"]["sd"] == pytest.approx(sd) and z["llava-like"]["difference_sd"] == pytest.approx(
+        math.sqrt(2) * sd)
+    assert z["llava-like"]["detectable"]["24"] == pytest.approx(3.44 * math.sqrt(2) * sd / math.sqrt(24), rel=1e-3)
+    assert "## Sizing re-stated from the pilot" in "\n".join(report2._sizing_lines({"sizing": z}))
+    assert report2._sizing_lines({"floor": {}}) == []  # no pilot, no section
