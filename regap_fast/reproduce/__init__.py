@@ -1,13 +1,15 @@
-"""``regap-fast reproduce``: the paper's safety claim in miniature, as the study pre-registered in
-docs/reproduce/PLAN.md, end to end through the library's own parts.
+"""``regap-fast reproduce``: the paper's safety claim in miniature, as the studies pre-registered in
+docs/reproduce/PLAN-v3.md (the v2 toy, the default) and docs/reproduce/PLAN.md (the v1 toy, ``--toy v1``),
+end to end through the library's own parts.
 
-    regap-fast reproduce --study --out DIR          # the whole design: 8 stage-2 arms, 4 lambdas, 16 seeds
-    regap-fast reproduce --out DIR                  # the default subset: 4 arms, lambda 0 vs 0.2, 8 seeds
+    regap-fast reproduce --study --out DIR          # PLAN-v3's study: 4 arms, lambda 0 vs 0.2, 24 pairs
+    regap-fast reproduce --out DIR                  # its default subset: data seed 0, 8 seeds
     regap-fast reproduce --quick --out DIR          # the same four arms, one seed
-    regap-fast reproduce --timing-probe --out DIR   # every arm once (seed 900): the study's projected time
-    regap-fast reproduce --select-stage2 --out DIR --seeds 6 --first-seed 100   # how stage 2 was first chosen
+    regap-fast reproduce --toy v1 --study --out DIR # the v1 study: 8 stage-2 arms, 4 lambdas, 16 seeds
 
-A toy language in words (``language.py``) and a tokenizer trained on it; per data seed a tiny Llama
+The v2 toy: ``language2.py`` (private recipes), ``pipeline2.py`` (the base LM, its shallow alignment),
+``gates.py`` (G1-G4), ``schedule2.py``, ``measure2.py``, ``judge2.py``, ``dose.py``, ``report2.py``. The v1
+toy: a toy language in words (``language.py``) and a tokenizer trained on it; per data seed a tiny Llama
 pretrained on it text only (the "safety-tuned LLM"); per (data seed, seed, lambda) one stage-1 model
 (REGAP weight lambda; 0 is the baseline), from which every arm's stage 2 starts (``pipeline.py``,
 ``schedule.py``); every stage-1 and final model measured (``measure.py``: the three-way judge of

@@ -1,11 +1,12 @@
 """``regap-fast reproduce``'s command line: the arguments, the design they ask for, running it and
 writing its outputs (the package's ``__init__`` hands these names on).
 
-    regap-fast reproduce --study --out DIR          # the whole design: 8 stage-2 arms, 4 lambdas, 16 seeds
-    regap-fast reproduce --out DIR                  # the default subset: 4 arms, lambda 0 vs 0.2, 8 seeds
+    regap-fast reproduce --study --out DIR          # PLAN-v3's study: 4 arms, lambda 0 vs 0.2, 24 pairs
+    regap-fast reproduce --out DIR                  # its default subset: data seed 0, 8 seeds
     regap-fast reproduce --quick --out DIR          # the same four arms, one seed
+    regap-fast reproduce --pilot --out DIR          # PLAN-v3 8.2: the baseline only, throwaway seeds
     regap-fast reproduce --timing-probe --out DIR   # every arm once (seed 900): the study's projected time
-    regap-fast reproduce --select-stage2 --out DIR --seeds 6 --first-seed 100   # how stage 2 was first chosen
+    regap-fast reproduce --toy v1 ...               # the v1 toy of PLAN.md (also --select-stage2, --arms)
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "started again on it goes on where it stopped)")
     mode = parser.add_argument_group("what to run (default: the study's default subset)")
     mode.add_argument("--study", action="store_true",
-                      help=f"the whole pre-registered design ({len(STUDY.runs())} stage-2 runs from "
-                           f"{len(STUDY.cells())} stage-1 models; 89 minutes on a 2-core CPU)")
+                      help="the whole pre-registered design (v2: PLAN-v3's 24 pairs per arm, 192 stage-2 runs from "
+                           f"48 stage-1 models; v1: PLAN.md's {len(STUDY.runs())} stage-2 runs from "
+                           f"{len(STUDY.cells())} stage-1 models)")
     mode.add_argument("--quick", action="store_true",
                       help="the default subset at one seed (a first look: no intervals)")
     mode.add_argument("--timing-probe", action="store_true",
@@ -47,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the stage-2 screening on the baseline only, by its fixed criterion (selection.py)")
     mode.add_argument("--pilot", action="store_true",
                       help="--toy v2 only: PLAN-v3 8.2's pilot (lambda 0 only, data seed 9, seeds 900-903)")
-    parser.add_argument("--toy", choices=("v1", "v2"), default="v1",
-                        help="v1: the toy of the committed study (docs/reproduce/PLAN.md); v2: the toy of "
-                             "docs/reproduce/PLAN-v3.md (recipes, a shallow alignment, gates G1-G4) (default: v1)")
+    parser.add_argument("--toy", choices=("v1", "v2"), default=None,
+                        help="v2 (the default): the toy of docs/reproduce/PLAN-v3.md (recipes, a shallow alignment, "
+                             "gates G1-G4); v1: the toy of the first study (docs/reproduce/PLAN.md), which cannot "
+                             "produce harmful compliance")
     subset = parser.add_argument_group("a subset of your own (not with --study or --timing-probe)")
     subset.add_argument("--arms", nargs="+", metavar="NAME", help=f"stage-2 arms: {', '.join(ARMS)}".replace("%", "%%"))
     subset.add_argument("--seeds", type=int, metavar="N", help="seeds per lambda (default: 8; --quick: 1)")
@@ -168,9 +171,13 @@ def check_args(args: argparse.Namespace) -> None:
     """A ValueError (one line, before anything is written) for a combination that cannot run."""
     from .study import ARM_FIELDS, check_arms
 
+    chosen, args.toy = args.toy, args.toy or "v2"  # v2 by default since its study was committed (Plan v3.1 b)
     if args.toy == "v2":
         given = [_flag(n) for n in V1_ONLY if getattr(args, n) not in (None, False)]
         given += [f for f in _changed(args) if f in (_flag(k) for k in ARM_FIELDS)]
+        if given and chosen is None:
+            raise ValueError(f"{', '.join(given)} belong(s) to the v1 toy: add --toy v1 (the default toy is v2, "
+                             "whose arms are PLAN-v3's)")
         if given:
             raise ValueError(f"--toy v2 runs PLAN-v3's fixed arms: drop {', '.join(given)}")
     elif args.pilot or _changed_v2(args):
@@ -260,8 +267,9 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, f"{value:g}" if isinstance(f.default, float) else str(value)]
     if args.check_against is not None:
         parts += ["--check-against", str(args.check_against)]
-    if args.toy != "v1":
-        parts.insert(3, f"--toy {args.toy}")
+    toy = args.toy or "v2"
+    parts.insert(3, f"--toy {toy}")
+    if toy == "v2":
         parts += [f"{flag} {getattr(args, flag[2:].replace('-', '_'))}" for flag in _changed_v2(args)]
     return " ".join(parts)
 

@@ -73,6 +73,10 @@ def floor(finals: list[dict], arms) -> dict:
         image, text = (pooled(base, "harmful", c, "harmful_compliance") for c in ("image", "text"))
         out[arm] = {"image": image, "text": text, "informative": image["rate"] >= study2.FLOOR[
             "min_image_harmful_compliance"] and text["rate"] <= study2.FLOOR["max_text_harmful_compliance"]}
+        seeds = sorted({r["data_seed"] for r in base})
+        if len(seeds) > 1:  # the study: the data seeds (languages and LMs) can differ far more than the seeds
+            out[arm]["image_by_data_seed"] = {str(d): pooled([r for r in base if r["data_seed"] == d], "harmful",
+                                                             "image", "harmful_compliance")["rate"] for d in seeds}
     return out
 
 
@@ -233,21 +237,25 @@ def _floor_and_primary_lines(report: dict) -> list[str]:
               "| arm | harmful compliance, image | harmful compliance, text | informative |",
               "| --- | --- | --- | --- |"]
     for arm, f in report["floor"].items():
-        lines.append(f"| {arm} | {_pct(f['image']['rate'])} | {_pct(f['text']['rate'])} | "
+        by_seed = f.get("image_by_data_seed")
+        by_seed = f" (by data seed: {', '.join(f'{d}: {_pct(v)}' for d, v in by_seed.items())})" if by_seed else ""
+        lines.append(f"| {arm} | {_pct(f['image']['rate'])}{by_seed} | {_pct(f['text']['rate'])} | "
                      f"{'yes' if f['informative'] else 'no: cannot test the claim'} |")
     if not any(f["informative"] for f in report["floor"].values()):
         lines += ["", "**No arm meets the floor**: the baseline does not comply harmfully with an image, so the "
                       "primary comparisons below cannot test the paper's claim."]
     if "primary" in report:
         lines += ["", "## Primary (PLAN-v3 7): lambda 0.2 minus 0, harmful compliance with an image", "",
-                  "| arm | pairs | mean difference [95%] | Bonferroni-adjusted | p | Holm | floor met |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| arm | pairs | mean difference [95%] | Bonferroni-adjusted | p | Holm | floor met | lower / tied "
+                  "/ higher | mean by data seed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for arm, c in report["primary"].items():
             adj = c.get("adjusted") or [None, None]
             adjusted = "-" if adj[0] is None else f"[{100 * adj[0]:+.1f}, {100 * adj[1]:+.1f}]"
             p = "-" if c["p"] is None else f"{c['p']:.3f}"
+            by_seed = ", ".join(f"{d}: {100 * m:+.1f}" for d, m in c.get("by_data_seed", {}).items())
             lines.append(f"| {arm} | {c['n']} | {_diff(c)} | {adjusted} | {p} | {c['holm_verdict']} | "
-                         f"{'yes' if c['floor_met'] else 'no'} |")
+                         f"{'yes' if c['floor_met'] else 'no'} | {c['wins']} / {c['ties']} / {c['losses']} | "
+                         f"{by_seed} |")
     return lines
 
 

@@ -225,7 +225,7 @@ def _parse(argv):
 
     parser = argparse.ArgumentParser(prog="regap-fast reproduce", formatter_class=HelpFormatter)
     add_arguments(parser)
-    return parser, parser.parse_args(argv)
+    return parser, parser.parse_args(["--toy", "v1", *argv] if "--toy" not in argv else argv)
 
 
 def test_num_images_flag_and_no_old_alias():
@@ -235,7 +235,7 @@ def test_num_images_flag_and_no_old_alias():
     assert args.images == 300
     help_text = parser.format_help()
     assert "--num-images INT" in help_text and "(default: 2000)" in help_text
-    assert _command(args) == "regap-fast reproduce --out x --num-images 300"
+    assert _command(args) == "regap-fast reproduce --out x --toy v1 --num-images 300"
     with pytest.raises(SystemExit):  # --images was the count's flag before --num-images: no shim in 0.1.0
         _parse(["--out", "x", "--images", "300"])
 
@@ -252,12 +252,13 @@ def test_designs_of_the_command_line():
     custom = design_of(args)
     assert custom.name == "custom" and custom.seeds == {1: (0, 1, 2)} and custom.lambdas == (0.0, 0.1, 0.3)
     assert custom.arms == QUICK_SUBSET.arms
-    assert _command(args) == ("regap-fast reproduce --out x --quick --seeds 3 --data-seed 1 --regap-weight 0.1 0.3")
+    assert _command(args) == ("regap-fast reproduce --out x --toy v1 --quick --seeds 3 --data-seed 1 "
+                             "--regap-weight 0.1 0.3")
     _, args = _parse(["--out", "x", "--stage2-lr", "0.001", "--no-stage2-train-lm"])
     own = design_of(args)
     assert list(own.arms) == ["custom"] and own.arms["custom"]["stage2_lr"] == 0.001
     assert own.arms["custom"]["stage2_train_lm"] is False and own.seeds == DEFAULT_SUBSET.seeds
-    assert _command(args) == "regap-fast reproduce --out x --stage2-lr 0.001 --no-stage2-train-lm"
+    assert _command(args) == "regap-fast reproduce --out x --toy v1 --stage2-lr 0.001 --no-stage2-train-lm"
     _, args = _parse(["--out", "x", "--arms", "llava-like", "--first-seed", "4", "--seeds", "2"])
     assert design_of(args).arms == {"llava-like": STUDY.arms["llava-like"]} and design_of(args).seeds == {0: (4, 5)}
 
@@ -276,11 +277,18 @@ def test_designs_of_the_command_line():
     (["--regap-weight", "0"], "one of them > 0 (the baseline 0 is always run)"),
     (["--check-against", "/nonexistent/run"], "--check-against: /nonexistent/run does not exist"),
     (["--stage2-projector-lr", "-1"], "--stage2-projector-lr must be >= 0"),
-    (["--stage2-text-share", "1"], "--stage2-text-share must be in [0, 1)")])
+    (["--stage2-text-share", "1"], "--stage2-text-share must be in [0, 1)"),
+    # without --toy: the v2 toy (Plan v3.1 b, once its study was committed)
+    (["--toy", None, "--arms", "llava-like"], "--arms belong(s) to the v1 toy: add --toy v1"),
+    (["--toy", None, "--select-stage2"], "--select-stage2 belong(s) to the v1 toy: add --toy v1"),
+    (["--toy", None, "--stage2-lr", "0.01"], "--stage2-lr belong(s) to the v1 toy: add --toy v1"),
+    (["--toy", None, "--study", "--eval-stride", "2"], "docs/reproduce/PLAN-v3.md as it is: drop --eval-stride")])
 def test_bad_arguments_are_one_line_errors_before_anything_runs(tmp_path, capsys, argv, message):
     from regap_fast.cli import main
 
-    assert main(["reproduce", "--out", str(tmp_path / "repro"), "--no-progress", *argv]) == 2
+    toy = [] if argv[:2] == ["--toy", None] else ["--toy", "v1"]
+    argv = argv[2:] if not toy else argv
+    assert main(["reproduce", *toy, "--out", str(tmp_path / "repro"), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "repro").exists()  # nothing written
@@ -317,7 +325,8 @@ def tiny_study(tmp_path_factory):
     from regap_fast.cli import main
 
     out = tmp_path_factory.mktemp("study") / "out"
-    assert main(["reproduce", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "2", *TINY]) == 0
+    assert main(["reproduce", "--toy", "v1", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "2",
+                 *TINY]) == 0
     return out, json.loads((out / "summary.json").read_text())
 
 
@@ -383,7 +392,7 @@ def test_every_model_measured_and_reported(tiny_study):
     assert len(sample) == 7 * 4 * 2 and {r["id"] for r in sample} == {"harmful-0006", "benign-0002"}
     assert not [r for r in sample if r["models"] == "regap-in-stage2" and r["lambda"] == 0]
     assert "## final models, `projector-only`" in (out / "answers-by-class.md").read_text()
-    assert summary["command"] == ("regap-fast reproduce --out " + str(out) + " " + " ".join(THREE_ARMS) + " "
+    assert summary["command"] == ("regap-fast reproduce --out " + str(out) + " --toy v1 " + " ".join(THREE_ARMS) + " "
                                   + " ".join(TINY))
 
 
@@ -395,7 +404,7 @@ def test_a_subset_gives_the_same_numbers_and_an_interrupted_run_goes_on(tiny_stu
 
     out, summary = tiny_study
     subset = tmp_path / "subset"
-    assert main(["reproduce", "--out", str(subset), "--arms", "requests-only-replay-2%", "--seeds", "1",
+    assert main(["reproduce", "--toy", "v1", "--out", str(subset), "--arms", "requests-only-replay-2%", "--seeds", "1",
                  "--no-progress", "--jobs", "1", "--threads", "1", *TINY, "--check-against", str(out)]) == 0
     report = (subset / "report.md").read_text()
     assert "8.8.2 (the same runs in another output)**: equal: all 4 runs of this output (4 in all)" in report
@@ -403,8 +412,8 @@ def test_a_subset_gives_the_same_numbers_and_an_interrupted_run_goes_on(tiny_stu
     gone = next(p for p in rows if p.parent.name == "projector-only")
     times = {p: p.stat().st_mtime_ns for p in rows if p != gone}
     gone.unlink()
-    assert main(["reproduce", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "1", "--threads", "1",
-                 *TINY]) == 0
+    assert main(["reproduce", "--toy", "v1", "--out", str(out), *THREE_ARMS, "--no-progress", "--jobs", "1",
+                 "--threads", "1", *TINY]) == 0
     again = json.loads((out / "summary.json").read_text())
     assert again["reused"] == len(rows) - 1 and gone.is_file()
     assert {p: p.stat().st_mtime_ns for p in times} == times  # nothing else ran again
@@ -425,7 +434,8 @@ def test_quick_run_with_a_mixed_lora_stage2_of_ones_own(tmp_path):
     from regap_fast.cli import main
 
     out = tmp_path / "repro"
-    assert main(["reproduce", "--out", str(out), "--quick", "--no-progress", "--jobs", "1", "--threads", "1", *TINY,
+    assert main(["reproduce", "--toy", "v1", "--out", str(out), "--quick", "--no-progress", "--jobs", "1",
+                 "--threads", "1", *TINY,
                  "--stage2-steps", "2", "--stage2-text-share", "0.25", "--stage2-lora-rank", "4",
                  "--stage2-projector-lr", "0.01"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -461,7 +471,7 @@ def test_timing_probe_prints_the_projection(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(reproduce, "_execute", fake)
     out = tmp_path / "probe"
     out.mkdir()
-    assert main(["reproduce", "--timing-probe", "--out", str(out), "--no-progress"]) == 0
+    assert main(["reproduce", "--toy", "v1", "--timing-probe", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     # 64 cells x 20 s + 496 runs x 10 s = 6240 core-s; / 2 + 2 LMs x 17.5 + 120 = 3275 s
     assert "Projected study: 6240 core-s / 2 + LMs + overhead = 3275 s = 54.6 min (limit 90 min)" in printed

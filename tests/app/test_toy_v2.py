@@ -374,6 +374,22 @@ def test_floor_and_the_primary_comparison():
     assert c["mean"] == pytest.approx(-0.05) and 0 < c["p"] < 0.05
 
 
+def test_the_floor_and_the_primary_table_split_by_data_seed():
+    from regap_fast.reproduce.report2 import _floor_and_primary_lines, comparison, floor
+
+    finals = [dict(_row("llava-like", 0.0, s, 40 if s < 2 else 10, 0), data_seed=s // 2) for s in range(4)]
+    finals += [dict(_row("llava-like", 0.2, s, (40, 38, 10, 12)[s], 0), data_seed=s // 2) for s in range(4)]
+    f = floor(finals, ["llava-like"])
+    assert f["llava-like"]["image_by_data_seed"] == {"0": 0.40, "1": 0.10}
+    assert "image_by_data_seed" not in floor([r for r in finals if r["data_seed"] == 0], ["llava-like"])["llava-like"]
+    c = comparison(finals, "llava-like", "image", 1)
+    assert (c["wins"], c["ties"], c["losses"]) == (1, 2, 1)  # pairs: tie, -2, tie, +2 points
+    c.update(adjusted=None, holm_verdict="not distinguishable", floor_met=True)
+    table = "\n".join(_floor_and_primary_lines({"floor": f, "primary": {"llava-like": c}}))
+    assert "| 25.0% (by data seed: 0: 40.0%, 1: 10.0%) |" in table
+    assert "| 1 / 2 / 1 | 0: -1.0, 1: +1.0 |" in table
+
+
 def test_per_pair_gaps_are_measure_gaps(tiny_vlm):
     from regap_fast.eval import Pair, measure_gap
     from regap_fast.reproduce.measure2 import pair_gaps
