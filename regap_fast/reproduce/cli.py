@@ -23,6 +23,7 @@ from pathlib import Path
 from ..flags import add_progress_argument
 
 MODES = ("study", "quick", "timing_probe", "select_stage2", "pilot")
+DEFAULT_TOY = "v2"  # since its study was committed (PLAN-v3, Plan v3.1 b)
 V1_ONLY = ("select_stage2", "arms", "check_against")  # not with --toy v2
 DESIGN_FLAGS = ("arms", "seeds", "first_seed", "data_seed", "regap_weight")  # what a fixed design cannot take
 SELECTION_SEEDS = 8  # --select-stage2's default number of seeds
@@ -32,15 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .pipeline import Settings
     from .pipeline2 import SettingsV2
     from .study import ARMS, STUDY
+    from .study2 import STUDY as STUDY_V2
 
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: report.md, summary.json, figures, answer samples, runs/ (a command "
                              "started again on it goes on where it stopped)")
     mode = parser.add_argument_group("what to run (default: the study's default subset)")
     mode.add_argument("--study", action="store_true",
-                      help="the whole pre-registered design (v2: PLAN-v3's 24 pairs per arm, 192 stage-2 runs from "
-                           f"48 stage-1 models; v1: PLAN.md's {len(STUDY.runs())} stage-2 runs from "
-                           f"{len(STUDY.cells())} stage-1 models)")
+                      help=f"the whole pre-registered design (v2: PLAN-v3's {len(STUDY_V2.runs())} stage-2 runs from "
+                           f"{len(STUDY_V2.cells())} stage-1 models; v1: PLAN.md's {len(STUDY.runs())} stage-2 "
+                           f"runs from {len(STUDY.cells())} stage-1 models)")
     mode.add_argument("--quick", action="store_true",
                       help="the default subset at one seed (a first look: no intervals)")
     mode.add_argument("--timing-probe", action="store_true",
@@ -171,7 +173,7 @@ def check_args(args: argparse.Namespace) -> None:
     """A ValueError (one line, before anything is written) for a combination that cannot run."""
     from .study import ARM_FIELDS, check_arms
 
-    chosen, args.toy = args.toy, args.toy or "v2"  # v2 by default since its study was committed (Plan v3.1 b)
+    chosen, args.toy = args.toy, args.toy or DEFAULT_TOY
     if args.toy == "v2":
         given = [_flag(n) for n in V1_ONLY if getattr(args, n) not in (None, False)]
         given += [f for f in _changed(args) if f in (_flag(k) for k in ARM_FIELDS)]
@@ -267,7 +269,7 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, f"{value:g}" if isinstance(f.default, float) else str(value)]
     if args.check_against is not None:
         parts += ["--check-against", str(args.check_against)]
-    toy = args.toy or "v2"
+    toy = args.toy or DEFAULT_TOY
     parts.insert(3, f"--toy {toy}")
     if toy == "v2":
         parts += [f"{flag} {getattr(args, flag[2:].replace('-', '_'))}" for flag in _changed_v2(args)]

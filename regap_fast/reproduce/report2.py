@@ -13,6 +13,7 @@ import math
 
 from ..eval.stats import mean_interval
 from . import study2
+from .markdown import pts, wtl
 from .measure2 import CONDITIONS_V2
 from .report import paired, pooled
 
@@ -252,9 +253,9 @@ def _floor_and_primary_lines(report: dict) -> list[str]:
             adj = c.get("adjusted") or [None, None]
             adjusted = "-" if adj[0] is None else f"[{100 * adj[0]:+.1f}, {100 * adj[1]:+.1f}]"
             p = "-" if c["p"] is None else f"{c['p']:.3f}"
-            by_seed = ", ".join(f"{d}: {100 * m:+.1f}" for d, m in c.get("by_data_seed", {}).items())
+            by_seed = ", ".join(f"{d}: {pts(m)}" for d, m in c.get("by_data_seed", {}).items())
             lines.append(f"| {arm} | {c['n']} | {_diff(c)} | {adjusted} | {p} | {c['holm_verdict']} | "
-                         f"{'yes' if c['floor_met'] else 'no'} | {c['wins']} / {c['ties']} / {c['losses']} | "
+                         f"{'yes' if c['floor_met'] else 'no'} | {wtl(c)} | "
                          f"{by_seed} |")
     return lines
 
