@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, PLAIN_SEPARATOR
 from ..core import caption_mask
+from . import memo
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +259,9 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+_UNSET = object()  # an attribute not computed yet
+
+
 class Encoder:
     """Turns a conversation into the model's token sequence, labels and masks.
 
@@ -293,6 +297,21 @@ class Encoder:
         self.plain_end = plain_end if plain_end is not None else (tokenizer.eos_token or "")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.special_ids = sorted(set(tokenizer.all_special_ids))
+        self._memo_settings: Any = _UNSET  # the tokenizer's and these settings' key in ``memo`` (read on first use)
+
+    def _memo_key(self, *parts) -> Optional[tuple]:
+        """The key of a result in the process-wide ``memo`` (None when it is off or cannot key this tokenizer)."""
+        if not memo.enabled():
+            return None
+        if self._memo_settings is _UNSET:
+            tk = memo.tokenizer_key(self.tokenizer)
+            self._memo_settings = None if tk is None else (tk, self.num_image_tokens, self.fmt, self.max_length,
+                                                           self.image_wrap, self.plain_end)
+        return None if self._memo_settings is None else (self._memo_settings, *parts)
+
+    @staticmethod
+    def _copy(out: dict[str, list]) -> dict[str, list]:
+        return {k: list(v) for k, v in out.items()}  # a memoised result is never handed out to be changed
 
     # -- text pieces ------------------------------------------------------------------------------
 
@@ -370,6 +389,12 @@ class Encoder:
     def encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:
         """input_ids, labels, image_mask, caption_mask (lists of one length); BadRecord
         if the sequence cannot fit ``max_length``."""
+        key = self._memo_key("encode", tuple((t["from"], t["value"]) for t in conversations), has_image)
+        if key is None:
+            return self._encode(conversations, has_image)
+        return self._copy(memo.cached(key, lambda: self._encode(conversations, has_image)))
+
+    def _encode(self, conversations: Sequence[dict], has_image: bool) -> dict[str, list]:
         out = self.encode_segments(self._segments(conversations, has_image))
         if self.max_length and len(out["input_ids"]) > self.max_length:
             if any(out["image_mask"][self.max_length:]):
@@ -381,7 +406,10 @@ class Encoder:
 
     def encode_prompt(self, text: str) -> dict[str, list]:
         """A prompt for generation (the chat template already applied): no answer."""
-        return self.encode_segments([Segment(text)])
+        key = self._memo_key("prompt", text)
+        if key is None:
+            return self.encode_segments([Segment(text)])
+        return self._copy(memo.cached(key, lambda: self.encode_segments([Segment(text)])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,7 +441,10 @@ class LlavaDataset(Dataset):
         if rec["image"] is not None:
             if self.image_folder is None:
                 raise BadRecord("the record has an image but no image folder was given")
-            pixel_values = self.transform(open_image(self.image_folder / rec["image"]))
+            path = self.image_folder / rec["image"]
+            key = memo.file_key(path) if memo.enabled() else None
+            pixel_values = memo.cached(key and ("pixels", key, self.transform),
+                                       lambda: self.transform(open_image(path)))
         ex = self.encoder.encode(rec["conversations"], has_image=pixel_values is not None)
         ex["pixel_values"] = pixel_values
         ex["id"] = rec["id"]

@@ -34,6 +34,9 @@ from .hf_gap import GapInputs
 from .stats import summarize
 
 GAP_JSON, GAP_PNG, MIR_PNG, GAP_SAMPLES = "gap.json", "gap.png", "mir.png", "gap_samples.csv"
+# MIR's outlier rule streams the rows again (up to 4 more passes): the first pass's rows are kept for them
+# while they fit in this many bytes, so that the model runs over the pairs once; larger sets run it again
+MIR_REPLAY_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
     if not pairs:
         raise ValueError("no pairs to measure")
     l2, with_mir, mir = metric in ("l2", "both"), metric in ("mir", "both"), None
+    replay, replay_bytes = [], 0  # the MIR rows of each batch, while they fit in MIR_REPLAY_BYTES
     inputs, layers, samples, skipped = _Centroids(), [], [], 0
     bar = tqdm(total=len(pairs), desc="gap", unit="pair", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
@@ -170,7 +174,12 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
             gaps, valid = _measure_batch(x, inputs, layers)
             if with_mir:
                 mir = mir or _mir_accumulator(x)
-                _add_mir(mir, x, valid)
+                rows = _add_mir(mir, x, valid)
+                replay_bytes += sum(t.numel() * t.element_size() for layer in rows for t in layer)
+                if replay is not None and replay_bytes <= MIR_REPLAY_BYTES:
+                    replay.append(rows)
+                else:
+                    replay = None
         skipped += int((~valid).sum())
         samples += [{"id": p.id, "gap": float(g)} for p, g, ok in zip(batch, gaps, valid) if ok]
     bar.close()
@@ -178,7 +187,7 @@ def measure_gap(vlm, pairs: Sequence, *, batch_size: int = 16, per_layer: bool =
         raise ValueError("no pair could be measured (no readable image with image and caption tokens)")
     result = _summary(inputs, layers if per_layer else None, samples, skipped, bins)
     if mir is not None:
-        result["mir"] = _finish_mir(vlm, mir, pairs, batch_size, progress)
+        result["mir"] = _finish_mir(vlm, mir, pairs, batch_size, progress, replay)
     if not l2:  # MIR alone: the pair counts and the per-pair ids, not the L2 numbers
         result = {k: result[k] for k in ("n_pairs", "n_skipped", "mir", "samples")}
         result["samples"] = [{"id": s["id"]} for s in samples]
@@ -193,17 +202,20 @@ def _mir_accumulator(x: GapInputs):
     return MIRAccumulator(len(x.hidden) - 1)
 
 
-def _add_mir(acc, x: GapInputs, valid) -> None:
+def _add_mir(acc, x: GapInputs, valid) -> list[tuple]:
     """The image-token and caption-token rows of the measured pairs after each decoder layer (the input
-    embeddings, hidden state 0, are not used: as the published MIR)."""
+    embeddings, hidden state 0, are not used: as the published MIR); returns them, per layer."""
     keep = valid.to(x.hidden_image_mask.device)[:, None]
     image, caption = x.hidden_image_mask & keep, x.hidden_caption_mask & keep
-    for layer, h in enumerate(x.hidden[1:]):
-        acc.add(layer, h[image.to(h.device)], h[caption.to(h.device)])
+    rows = [(h[image.to(h.device)], h[caption.to(h.device)]) for h in x.hidden[1:]]
+    for layer, (image_rows, caption_rows) in enumerate(rows):
+        acc.add(layer, image_rows, caption_rows)
+    return rows
 
 
-def _finish_mir(vlm, acc, pairs: Sequence, batch_size: int, progress: bool) -> dict:
-    """The further passes MIR's outlier rule needs (the same pairs, the same batches), and its report."""
+def _finish_mir(vlm, acc, pairs: Sequence, batch_size: int, progress: bool, replay: Optional[list] = None) -> dict:
+    """The further passes MIR's outlier rule needs (the same rows in the same order: ``replay``, the first
+    pass's rows per batch, or the same pairs through the model again in the same batches), and its report."""
     import torch
     from tqdm.auto import tqdm
 
@@ -211,6 +223,11 @@ def _finish_mir(vlm, acc, pairs: Sequence, batch_size: int, progress: bool) -> d
     from .mir import RADIX_PASSES
 
     acc.next_pass()
+    while acc.passes_needed and replay is not None:
+        for rows in replay:
+            for layer, (image_rows, caption_rows) in enumerate(rows):
+                acc.add(layer, image_rows, caption_rows)
+        acc.next_pass()
     while acc.passes_needed:
         bar = tqdm(total=len(pairs), desc=f"MIR median pass {acc.pass_index}/{RADIX_PASSES}", unit="pair",
                    disable=not progress, dynamic_ncols=True)

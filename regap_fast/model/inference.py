@@ -6,6 +6,7 @@ from typing import Sequence
 
 import torch
 
+from ..data import memo
 from ..data.llava import IMAGE_PLACEHOLDER, Collator
 
 
@@ -48,8 +49,9 @@ class InferenceMixin:
     def chat_prompt(self, user_text: str, has_image: bool) -> str:
         """The chat template applied to one user turn, ``<image>`` where the image goes."""
         content = f"{IMAGE_PLACEHOLDER}\n{user_text}" if has_image else user_text
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
+        tk = memo.tokenizer_key(self.tokenizer) if memo.enabled() else None
+        return memo.cached(tk and (tk, "chat_prompt", content), lambda: self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], images: Sequence, *, max_new_tokens: int = 64, do_sample: bool = False,
@@ -64,6 +66,13 @@ class InferenceMixin:
         enc = self.encoder("chat")
         dev = self.device
         answers: list[str] = []
+        pixels: dict[int, tuple] = {}  # id(image) -> (image, its pixels): requests often share an image object
+
+        def transform(im):  # (the image is kept with its pixels: its id stays its own during the call)
+            if id(im) not in pixels:
+                pixels[id(im)] = (im, self.image_transform(im))
+            return pixels[id(im)][1]
+
         for start in range(0, len(prompts), batch_size):
             examples = []
             forced = prefills[start:start + batch_size] if prefills is not None else [""] * len(prompts)
@@ -72,7 +81,7 @@ class InferenceMixin:
                 prompt = self.chat_prompt(text.replace(IMAGE_PLACEHOLDER, "<image >"), im is not None)
                 prompt += " " + pre.replace(IMAGE_PLACEHOLDER, "<image >") if pre else ""
                 examples.append(dict(enc.encode_prompt(prompt),
-                                     pixel_values=None if im is None else self.image_transform(im)))
+                                     pixel_values=None if im is None else transform(im)))
             b = self._batch(examples, padding_side="left")
             input_ids, image_pos = b["input_ids"].to(dev), b["image_mask"].to(dev)
             embeds = self.language_model.get_input_embeddings()(input_ids)

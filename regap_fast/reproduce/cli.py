@@ -397,11 +397,18 @@ def _write_probe(out: Path, outcome: dict, jobs: int, device: str, t0: float, to
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import memo
     from .process import quiet
-    from .study import PLAN_VERSION
 
     check_args(args)
     quiet(None)
+    with memo.memoizing():  # the LMs' records and the tasks run here (--jobs 1) repeat their texts and images
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .study import PLAN_VERSION
+
     if args.toy == "v2":
         return run_v2(args)
     if args.select_stage2:

@@ -40,7 +40,8 @@ def _images(condition: str, requests, data, size: int, seed: int, held: list) ->
     if condition == "noise":
         return [noise_image(size, seed, f"{i}") for i in range(len(requests))]
     if condition == "glyph":
-        return [Image.open(data.glyphs[r.obj]).convert("RGB") for r in requests]
+        glyphs = {o: Image.open(path).convert("RGB") for o, path in data.glyphs.items()}
+        return [glyphs[r.obj] for r in requests]
     return [held[i % len(held)] for i in range(len(requests))]
 
 

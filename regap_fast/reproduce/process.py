@@ -28,13 +28,30 @@ def quiet(threads: int | None) -> None:
 
 
 def _warm(threads: int | None) -> None:
-    """A worker's imports and settings, done while the LM pretrains instead of after it."""
-    from ..eval import evaluate  # noqa: F401
-    from ..model import load_model  # noqa: F401
-    from ..train import train  # noqa: F401
-    from . import measure  # noqa: F401
+    """A worker's start, while the LM pretrains instead of before its first task: its imports (transformers
+    and scipy import their modules on first use: seconds), settings, and a loading memo (the worker's tasks
+    tokenise the same records and requests, and decode the same images, with models loaded afresh)."""
+    from ..data import memo
 
+    try:  # a missing package is the first task's error to report, in its own words: not a broken pool's
+        import scipy.stats  # noqa: F401
+        import transformers
+
+        from ..eval import evaluate  # noqa: F401
+        from ..model import load_model  # noqa: F401
+        from ..train import train  # noqa: F401
+        from . import measure, measure2  # noqa: F401
+
+        for name in ("CLIPVisionModel", "LlamaForCausalLM", "AutoTokenizer", "get_cosine_schedule_with_warmup"):
+            getattr(transformers, name)
+    except ImportError:
+        pass
     quiet(threads)
+    memo.memoize()
+
+
+def _started() -> None:
+    """A first job: it makes the pool start its processes now."""
 
 
 def workers(jobs: int, threads: int | None):
@@ -44,7 +61,7 @@ def workers(jobs: int, threads: int | None):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_warm, initargs=(threads,))
     for _ in range(jobs):
-        pool.submit(_warm, threads)
+        pool.submit(_started)
     return pool

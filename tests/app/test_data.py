@@ -339,6 +339,48 @@ def test_cache_loads_each_record_once_and_gives_equal_examples(tmp_path, tokeniz
     assert cached[1]["skipped"] and cached[2]["skipped"] == []  # what one draw skipped is not kept for the next
 
 
+def test_memo_hands_back_equal_copies_keyed_by_content(tmp_path, tokenizer):
+    """The process-wide loading memo (on for reproduce's processes): two tokenizers of one content share a
+    result, another content does not; results come back as copies; a rewritten image is decoded again; a
+    bad record is never kept; the memo is off again after the block."""
+    import copy
+
+    from regap_fast.data import memo
+
+    conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a large red circle"}]
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens(["zorbly"])  # another content: a token more
+    computed = []
+    original = Encoder._encode
+    _write_images(tmp_path, 1)
+    assert not memo.enabled()
+    with memo.memoizing():
+        Encoder._encode = lambda self, *a: computed.append(len(self.tokenizer)) or original(self, *a)
+        try:
+            first = Encoder(tokenizer, 2).encode(conv, has_image=True)
+            first["input_ids"].append(-1)  # the caller's copy
+            again = Encoder(copy.deepcopy(tokenizer), 2).encode(conv, has_image=True)
+            Encoder(other, 2).encode(conv, has_image=True)
+            Encoder(tokenizer, 3).encode(conv, has_image=True)  # other settings
+        finally:
+            Encoder._encode = original
+        assert computed == [len(tokenizer), len(tokenizer) + 1, len(tokenizer)]
+        assert again == Encoder(tokenizer, 2)._encode(conv, has_image=True)
+        ds = LlavaDataset([record(0, "0.png")], tmp_path, ImageTransform(8), Encoder(tokenizer, 1))
+        red = ds[0]["pixel_values"]
+        Image.new("RGB", (9, 9), (0, 0, 200)).save(tmp_path / "0.png")  # rewritten: another size
+        blue = ds[0]["pixel_values"]
+        assert torch.equal(blue, ImageTransform(8)(Image.open(tmp_path / "0.png"))) and not torch.equal(red, blue)
+        (tmp_path / "0.png").write_bytes(b"not an image")
+        with pytest.raises(RuntimeError, match="bad record in a row"):
+            ds[0]
+        with pytest.raises(BadRecord, match="no answer"):
+            Encoder(tokenizer, 2, max_length=3).encode(conv, has_image=True)
+        with pytest.raises(BadRecord, match="no answer"):  # raised again, not memoised
+            Encoder(tokenizer, 2, max_length=3).encode(conv, has_image=True)
+    assert not memo.enabled()
+
+
 def test_all_bad_is_an_error(tmp_path, tokenizer):
     ds = LlavaDataset([record(i, "nope.png") for i in range(3)], tmp_path, ImageTransform(8), Encoder(tokenizer, 1))
     with pytest.raises(RuntimeError, match="bad records in a row"):

@@ -71,16 +71,24 @@ def _by_hand(h, where_image, where_caption):
             "pair_cosine_mean": torch.nn.functional.cosine_similarity(mu_i, mu_t).mean().item()}
 
 
-def test_mir_streams_the_pairs_again_for_the_outlier_rule(tiny_vlm, monkeypatch):
-    """A 0.5-sigma rule replaces rows in every layer: the CLI path takes the further passes (the same pairs
-    again), and its MIR is the published procedure's on the hidden states after each decoder layer."""
+@pytest.mark.parametrize("replay_bytes", [None, 0], ids=["rows-kept", "pairs-streamed-again"])
+def test_mir_takes_further_passes_for_the_outlier_rule(tiny_vlm, monkeypatch, replay_bytes):
+    """A 0.5-sigma rule replaces rows in every layer: the CLI path takes the further passes (the first pass's
+    rows kept, or the same pairs through the model again when they do not fit), and its MIR is the
+    published procedure's on the hidden states after each decoder layer."""
     from helpers import published_mir
 
-    from regap_fast.eval import mir
+    from regap_fast.eval import gap, mir
 
     monkeypatch.setattr(mir, "OUTLIER_SIGMAS", 0.5)
+    if replay_bytes is not None:
+        monkeypatch.setattr(gap, "MIR_REPLAY_BYTES", replay_bytes)
+    calls = []
+    monkeypatch.setattr(tiny_vlm, "pair_embeddings",
+                        lambda *a, _f=tiny_vlm.pair_embeddings, **k: calls.append(1) or _f(*a, **k))
     ims = images(5)
     result = measure_gap(tiny_vlm, list(zip(ims, CAPTIONS)), batch_size=2, progress=False, metric="mir")
+    assert len(calls) == (3 if replay_bytes is None else 3 * 5)  # 3 batches, once or in each of the 5 passes
     out = tiny_vlm.pair_embeddings(ims, CAPTIONS, output_hidden_states=True)
     hidden = out["hidden_states"][1:]
     image = [h[out["image_mask"]] for h in hidden]

@@ -185,6 +185,27 @@ def test_generate_batched_equals_one_by_one(vlm):
     assert "<image>" not in vlm.chat_prompt("hi", has_image=False)
 
 
+def test_generate_transforms_a_shared_image_once_and_keeps_each_its_own(vlm, monkeypatch):
+    """Requests that share an image object are transformed once; each request still gets its own image's
+    pixels (with the memo on, the chat prompts come from it, the same text)."""
+    from regap_fast.data import memo
+
+    a, b = images(1)[0], images(1, seed=5)[0]
+    seen = []
+    monkeypatch.setattr(type(vlm), "_batch", lambda self, ex, padding_side="right", _f=type(vlm)._batch:
+                        seen.append(_f(self, ex, padding_side)) or seen[-1])
+    calls = []
+    transform = vlm.image_transform
+    counted = property(lambda self: lambda im: calls.append(1) or transform(im))
+    monkeypatch.setattr(type(vlm), "image_transform", counted)
+    with memo.memoizing():
+        vlm.generate(["x", "y", "z", "w"], [a, b, a, None], max_new_tokens=1, batch_size=2)
+        assert vlm.chat_prompt("hi", True) == vlm.chat_prompt("hi", True) != vlm.chat_prompt("hi", False)
+    assert len(calls) == 2
+    pixels = torch.cat([s["pixel_values"] for s in seen])
+    assert torch.equal(pixels, torch.stack([transform(a), transform(b), transform(a)]))
+
+
 def test_save_and_load_roundtrip(vlm, tmp_path):
     vlm.save_pretrained(tmp_path / "m")
     # every file readable like the others (safetensors alone would leave the weights 0600)
