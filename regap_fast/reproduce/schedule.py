@@ -153,7 +153,7 @@ class Runner:
         self.pending, self.args, self.costs, self.on_done = list(todo), args, costs, on_done
         self.fn = fn or run_task
         self.jobs, self.threads = jobs, threads
-        self.pool = workers(jobs, threads)
+        self.pool = workers(jobs, threads) if self.pending else None  # nothing to run: no processes to start
         self.rows: dict[Task, dict] = {}
         self.missing: list[dict] = []
         self.attempts: Counter = Counter()

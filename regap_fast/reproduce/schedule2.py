@@ -91,20 +91,6 @@ def run_design(out: Path, design: study.Design, base: pipeline2.SettingsV2, jobs
             path = pipeline2.write_stage2_data(data.root, dataclasses.replace(base, **fields), d)
             datas[(d, arm)] = dataclasses.replace(data, stage2=path)
         datas[(d, None)] = data
-    lms, failure = {}, None
-    for d in design.seeds:
-        say(f"regap-fast reproduce: data seed {d}: the base LM ({base.lm_steps} steps), its alignment "
-            f"({base.align_steps} steps) and gates G1-G4")
-        lms[d] = lm_and_gates(root, base, datas[(d, None)], d)
-        try:
-            gates.check(lms[d]["gates"], f"for data seed {d}")
-        except gates.GateFailed as exc:
-            failure = str(exc)
-            break
-    outcome = {"lms": {str(d): lm for d, lm in lms.items()}, "gates": {str(d): lm["gates"] for d, lm in lms.items()},
-               "gate_failure": failure, "cells": [], "finals": [], "missing": [], "reused": 0}
-    if failure:
-        return outcome
     todo = tasks_of(design)
     settings = {t: task_settings(t, base, design) for t in todo}
     done = {t: row for t in todo if (row := finished_row(t, root, settings[t])) is not None}
@@ -117,13 +103,29 @@ def run_design(out: Path, design: study.Design, base: pipeline2.SettingsV2, jobs
 
     costs = {t: float("inf") if t.arm is None else settings[t].stage2_steps * (2.7 if settings[t].stage2_lora_rank
                                                                                else 1.0) for t in todo}
+    # the worker processes start now: they import and warm up while this one trains the LMs
     runner = Runner([t for t in todo if t not in done], lambda t: (str(root), settings[t], datas[(t.data_seed, t.arm)]),
                     costs, jobs, threads, on_done, fn=run_task)
     runner.rows.update(done)
-    bar.reset(total=len(todo))  # the ETA counts from here, not from the LMs' training
-    if done:
-        bar.update(len(done))
+    lms, failure = {}, None
     try:
+        for d in design.seeds:
+            say(f"regap-fast reproduce: data seed {d}: the base LM ({base.lm_steps} steps), its alignment "
+                f"({base.align_steps} steps) and gates G1-G4")
+            lms[d] = lm_and_gates(root, base, datas[(d, None)], d)
+            try:
+                gates.check(lms[d]["gates"], f"for data seed {d}")
+            except gates.GateFailed as exc:
+                failure = str(exc)
+                break
+        outcome = {"lms": {str(d): lm for d, lm in lms.items()},
+                   "gates": {str(d): lm["gates"] for d, lm in lms.items()},
+                   "gate_failure": failure, "cells": [], "finals": [], "missing": [], "reused": 0}
+        if failure:
+            return outcome
+        bar.reset(total=len(todo))  # the ETA counts from here, not from the LMs' training
+        if done:
+            bar.update(len(done))
         runner.run()
     finally:
         runner.close()

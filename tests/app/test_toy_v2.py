@@ -3,6 +3,7 @@ pretraining, alignment data), the unsafe judge, the gates, the dose-response shi
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -302,6 +303,34 @@ def test_a_failed_gate_stops_the_run_before_any_stage1(tmp_path, capsys):
     assert not summary["gates"]["0"]["G1_base_text_harmful_compliance"]["passed"]
     assert not list((out / "runs").glob("data0/seed*"))  # no stage 1 was made
     assert "No stage 1, stage 2 or REGAP run was made" in (out / "report.md").read_text()
+
+
+def test_the_worker_processes_start_before_the_lms_train(tmp_path, monkeypatch):
+    """The pool starts (its processes import and warm up) while this process trains the LMs, not after them;
+    it is closed when the run stops early."""
+    from regap_fast.reproduce import cli, schedule, schedule2
+
+    events = []
+
+    class Pool:
+        def shutdown(self, **kw):
+            events.append("closed")
+
+    class Stop(Exception):
+        pass
+
+    def lm_and_gates(*a):
+        events.append("lm")
+        raise Stop
+
+    monkeypatch.setattr(schedule, "workers", lambda jobs, threads: events.append("pool") or Pool())
+    monkeypatch.setattr(schedule2, "lm_and_gates", lm_and_gates)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), *TINY_V2])
+    with pytest.raises(Stop):
+        schedule2.run_design(tmp_path, cli.design_v2(args), cli.settings_v2(args), 2, 1, None, say=lambda *_: None)
+    assert events == ["pool", "lm", "closed"]
 
 
 @pytest.mark.slow
