@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -259,9 +259,6 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-_UNSET = object()  # an attribute not computed yet
-
-
 class Encoder:
     """Turns a conversation into the model's token sequence, labels and masks.
 
@@ -297,13 +294,16 @@ class Encoder:
         self.plain_end = plain_end if plain_end is not None else (tokenizer.eos_token or "")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.special_ids = sorted(set(tokenizer.all_special_ids))
-        self._memo_settings: Any = _UNSET  # the tokenizer's and these settings' key in ``memo`` (read on first use)
+        # the tokenizer's and these settings' key in ``memo``, read on first use (a tokenizer it cannot key: None)
+        self._memo_settings: Optional[tuple] = None
+        self._memo_settings_read = False
 
     def _memo_key(self, *parts) -> Optional[tuple]:
         """The key of a result in the process-wide ``memo`` (None when it is off or cannot key this tokenizer)."""
         if not memo.enabled():
             return None
-        if self._memo_settings is _UNSET:
+        if not self._memo_settings_read:
+            self._memo_settings_read = True
             tk = memo.tokenizer_key(self.tokenizer)
             self._memo_settings = None if tk is None else (tk, self.num_image_tokens, self.fmt, self.max_length,
                                                            self.image_wrap, self.plain_end)
