@@ -5,9 +5,9 @@ images many times, with models loaded afresh each time (``regap-fast reproduce``
 same records and asks the same held-out requests under several conditions). A result comes back only for the
 same input, the same encoder settings and a tokenizer of the same content (its serialised backend, length,
 chat template and special tokens), so two models loaded from copies of one tokenizer share it; an image,
-for the same file (path, size, modification time) and the same transform. Tokenizers must not be changed
-in place while it is on (their content is read once per object), nor image files rewritten within the
-same second and size.
+for the same file (path, size, modification time in ns) and the same transform. Tokenizers must not be
+changed in place while it is on (their content is read once per object), nor image files rewritten with
+the same size and modification time.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from pathlib import Path
 from . import gates, pipeline, pipeline2, study
 from .measure2 import measure_model
 from .process import quiet
-from .schedule import ROW, STAGE1_KEYS, STAGE2_KEYS, Runner, Task, _drop_model, read_finished_row, tasks_of
+from .schedule import (ROW, STAGE1_KEYS, STAGE2_KEYS, Runner, Task, _drop_model, cost, read_finished_row,
+                       tasks_of)
 
 
 def task_settings(task: Task, base: pipeline2.SettingsV2, design: study.Design) -> pipeline2.SettingsV2:
@@ -101,11 +102,9 @@ def run_design(out: Path, design: study.Design, base: pipeline2.SettingsV2, jobs
                             f"{image['harmful_compliance'] / max(image['n'], 1):.2f}")
         bar.update(1)
 
-    costs = {t: float("inf") if t.arm is None else settings[t].stage2_steps * (2.7 if settings[t].stage2_lora_rank
-                                                                               else 1.0) for t in todo}
     # the worker processes start now: they import and warm up while this one trains the LMs
     runner = Runner([t for t in todo if t not in done], lambda t: (str(root), settings[t], datas[(t.data_seed, t.arm)]),
-                    costs, jobs, threads, on_done, fn=run_task)
+                    {t: cost(t, settings[t]) for t in todo}, jobs, threads, on_done, fn=run_task)
     runner.rows.update(done)
     lms, failure = {}, None
     try:
